@@ -1,0 +1,1 @@
+"""The fleet manager: releases, rollouts, telemetry ingest, drift, rollback."""
