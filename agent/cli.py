@@ -1,0 +1,120 @@
+"""`edge-agent`: the on-device daemon and its local commands.
+
+argparse, not click: the device installs without the fleet manager's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent import logs as agent_logs
+from agent.config import ConfigError, load
+
+DEFAULT_CONFIG = Path(os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml"))
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("agent")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.core import AgentCore
+    from agent.reactor import Reactor
+
+    config = load(args.config)
+    agent_logs.setup(args.log_level or config.log_level)
+    reactor = Reactor()
+    core = AgentCore(config, reactor)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        agent_logs.event(log, "signal_received", signal=signal.Signals(signum).name)
+        reactor.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    core.start()
+    agent_logs.event(log, "agent_running", device_id=config.device_id, broker=config.broker.url,
+                     state_dir=str(config.state_dir), models=sorted(core.models))  # fmt: skip
+    try:
+        reactor.run()
+    finally:
+        core.stop()
+        reactor.close()
+    agent_logs.event(log, "agent_exit", device_id=config.device_id)
+    return EXIT_OK
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    path = config.state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        status = {"device_id": config.device_id, "running": False, "note": "the agent has not run yet"}
+    status["running"] = bool(status.get("running")) and _pid_alive(int(status.get("pid", 0)))
+    if status.get("updated_at"):
+        status["age_s"] = round(time.time() - float(status["updated_at"]), 1)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(f"device   {status['device_id']}  ({'running' if status['running'] else 'stopped'})")
+        if "broker" in status:
+            print(f"broker   {status['broker']}  ({'connected' if status.get('connected') else 'disconnected'})")
+        for name, m in status.get("models", {}).items():
+            print(f"model    {name}  {m.get('release') or '-'}  [{m.get('runtime')}] {m.get('file')}")
+        if "outbox" in status:
+            o = status["outbox"]
+            print(f"outbox   {o.get('rows')} queued, {o.get('dropped_total')} dropped in all")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Run quantized models on this device and report aggregated telemetry to the fleet over MQTT. "
+        "Raw inputs never leave the device.",
+    )
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent in the foreground (systemd-ready; stops cleanly on SIGTERM)")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"agent.toml (default {DEFAULT_CONFIG})")
+    run.add_argument("--log-level", default=None, help="override the config's log level (DEBUG, INFO, ...)")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show what the agent on this device is doing")
+    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"agent.toml (default {DEFAULT_CONFIG})")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

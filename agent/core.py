@@ -1,0 +1,260 @@
+"""The agent core: models, telemetry windows, the outbox and the MQTT link, wired together on one reactor.
+
+The daemon (`edge-agent run`) runs one core on its own reactor; the simulator runs hundreds of cores on one
+shared reactor. Inference may be called from any thread; everything else runs on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import __version__, protocol, runtime
+from agent.config import AgentConfig, ModelConfig
+from agent.health import HealthSampler
+from agent.link import Backoff, MqttLink, new_boot_id
+from agent.logs import event
+from agent.outbox import Outbox
+from agent.protocol import Kind
+from agent.reactor import Reactor, Timer
+from agent.telemetry import WindowAggregator
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[ModelConfig], runtime.Model]
+
+
+class UnknownModel(KeyError):
+    """Inference was asked of a model this agent does not serve."""
+
+
+def load_configured(cfg: ModelConfig) -> runtime.Model:
+    return runtime.load_model(cfg.path, threads=cfg.threads)
+
+
+def read_card(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model card {path} is unreadable ({exc}); regenerate it with `fleet model example`") from None
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    model: runtime.Model
+    telemetry: WindowAggregator
+
+
+def hardware() -> dict[str, Any]:
+    return {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count() or 1}
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write, fsync, rename: readers see the old file or the new one, never half of either.
+
+    ``durable=False`` skips the fsync for files that are only informational and rewritten often.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AgentCore:
+    def __init__(
+        self,
+        config: AgentConfig,
+        reactor: Reactor,
+        *,
+        loader: ModelLoader = load_configured,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock
+        self.device_id = config.device_id
+        self.boot_id = new_boot_id()
+        self._loader = loader
+        self.models: dict[str, ServedModel] = {}
+        self.windows_produced = 0
+        self.started_at = 0.0
+        self._window_timer: Timer | None = None
+        self._lock = threading.Lock()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(
+            config.state_dir / "outbox.sqlite",
+            max_rows=config.outbox_max_rows,
+            max_bytes=config.outbox_max_bytes,
+        )
+        self.health = HealthSampler(config.state_dir)
+        self.link = MqttLink(
+            reactor,
+            config.device_id,
+            config.broker,
+            self.outbox,
+            self.birth,
+            self.boot_id,
+            prefix=config.prefix,
+            keepalive=config.keepalive,
+            tls=config.tls,
+            backoff=Backoff(maximum=config.reconnect_max_s),
+            rng=rng,
+        )
+
+    # -- lifecycle (reactor thread) -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started_at = self.clock()
+        for cfg in self.config.models:
+            self._serve(cfg)
+        self.emit("agent_started", agent_version=__version__, models=self._model_summary())
+        self.link.start()
+        self._window_timer = self.reactor.call_every(self.config.window_s, self.flush_windows)
+        self.write_status()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the current windows so nothing measured is lost, give the outbox a moment, say goodbye."""
+        self.finish_windows()
+        self.reactor.run_until(lambda: self.drained, timeout)
+        self.close(timeout)
+
+    def finish_windows(self) -> None:
+        if self._window_timer:
+            self._window_timer.cancel()
+        self.flush_windows()
+        self.emit("agent_stopped")
+
+    @property
+    def drained(self) -> bool:
+        """True when the broker has every stored message, or when it cannot be reached right now."""
+        return not self.link.connected or self.outbox.stats()["rows"] == 0
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.link.close(timeout)
+        self.write_status(running=False)
+        for served in self.models.values():
+            served.model.close()
+        self.outbox.close()
+
+    def _serve(self, cfg: ModelConfig) -> None:
+        card = read_card(cfg.card)
+        model = self._loader(cfg)
+        n_features = int(model.inputs[0].shape[-1] or 0)
+        edges = card.get("drift", {}).get("bin_edges") or [[0.0, 1.0]] * n_features
+        n_classes = int(model.outputs[0].shape[-1] or len(card.get("labels", [])) or 1)
+        aggregator = WindowAggregator(cfg.name, cfg.release, edges, n_classes, clock=self.clock)
+        self.models[cfg.name] = ServedModel(cfg, model, aggregator)
+
+    # -- inference (any thread) ---------------------------------------------------------------------------------
+
+    def predict(self, model_name: str, inputs: np.ndarray) -> np.ndarray:
+        """Run a batch through a served model; the call is measured and aggregated, the inputs never leave."""
+        served = self.models.get(model_name)
+        if served is None:
+            raise UnknownModel(f"no model named {model_name!r}; served: {sorted(self.models)}")
+        start = time.perf_counter()
+        try:
+            outputs = served.model.predict(inputs)
+        except runtime.RuntimeLayerError:
+            served.telemetry.record(inputs, None, time.perf_counter() - start, error=True)
+            raise
+        served.telemetry.record(inputs, outputs, time.perf_counter() - start)
+        return outputs
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+
+    def flush_windows(self) -> None:
+        now = self.clock()
+        health = self.health.sample()
+        for served in self.models.values():
+            window = served.telemetry.flush(now)
+            message = {
+                "v": protocol.SCHEMA_VERSION,
+                "device_id": self.device_id,
+                "boot_id": self.boot_id,
+                "seq": 0,
+                "dropped": 0,
+                "health": health,
+                **window,
+            }
+            self.outbox.append(Kind.TELEMETRY, self.link.topic(Kind.TELEMETRY), message)
+            self.windows_produced += 1
+        self.link.pump()
+        self.write_status()
+
+    def emit(self, type_: str, model: str | None = None, **detail: Any) -> int:
+        """Record an event in the outbox (never dropped) and log it; safe from any thread."""
+        message: dict[str, Any] = {
+            "v": protocol.SCHEMA_VERSION,
+            "device_id": self.device_id,
+            "boot_id": self.boot_id,
+            "seq": 0,
+            "ts": self.clock(),
+            "type": type_,
+            "detail": detail,
+        }
+        if model is not None:
+            message["model"] = model
+        seq = self.outbox.append(Kind.EVENTS, self.link.topic(Kind.EVENTS), message)
+        event(log, type_, device_id=self.device_id, model=model, **detail)
+        self.reactor.call_soon_threadsafe(self.link.pump)
+        return seq
+
+    def _model_summary(self) -> dict[str, Any]:
+        return {
+            name: {"release": s.config.release, "runtime": s.model.runtime, "file": s.config.path.name}
+            for name, s in self.models.items()
+        }
+
+    def birth(self) -> dict[str, Any]:
+        return {
+            "v": protocol.SCHEMA_VERSION,
+            "device_id": self.device_id,
+            "state": "online",
+            "boot_id": self.boot_id,
+            "ts": self.clock(),
+            "agent_version": __version__,
+            "hardware": hardware(),
+            "runtimes": runtime.runtime_names(),
+            "models": self._model_summary(),
+        }
+
+    def status(self, running: bool = True) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "boot_id": self.boot_id,
+            "pid": os.getpid(),
+            "running": running,
+            "started_at": self.started_at,
+            "updated_at": self.clock(),
+            "agent_version": __version__,
+            "broker": self.link.broker.url,
+            "connected": self.link.connected,
+            "models": self._model_summary(),
+            "windows_produced": self.windows_produced,
+            "outbox": self.outbox.stats(),
+        }
+
+    def write_status(self, running: bool = True) -> None:
+        """Leave a status file for `edge-agent status`, which must work even when the broker is unreachable."""
+        write_atomic(
+            self.config.state_dir / "status.json", json.dumps(self.status(running), indent=2).encode(), durable=False
+        )

@@ -1,0 +1,282 @@
+"""The device's MQTT link: birth and last will, persistent session, outbox draining, reconnect with backoff.
+
+paho-mqtt is driven from a :class:`~agent.reactor.Reactor` (its external-loop API) instead of its own thread, so
+one thread can carry many links. A message leaves the outbox only when the broker acknowledged it (QoS 1 PUBACK);
+until then it stays stored, and after a restart it is sent again with the same sequence number, which the fleet
+deduplicates. MQTT 3.1.1 only: it is what every broker speaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import protocol
+from agent.logs import event
+from agent.protocol import Kind
+from agent.reactor import Reactor, Timer
+
+log = logging.getLogger(__name__)
+
+
+class PendingStore(Protocol):
+    """What the link needs from the outbox."""
+
+    def pending(self, limit: int, exclude: Any = ()) -> list[Any]: ...
+
+    def ack(self, seq: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Accept ``mqtt://host:port`` and ``mqtts://host:port`` (the port defaults to 1883 and 8883)."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError(f"broker URL {url!r} is not of the form mqtt://HOST:PORT or mqtts://HOST:PORT")
+        tls = parts.scheme in ("mqtts", "ssl")
+        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """CA to trust and, for mutual TLS, the device's certificate (CN = device id) and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep after a broker restart."""
+
+    initial: float = 0.5
+    maximum: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.maximum, self.initial * 2 ** min(attempt, 30))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+class MqttLink:
+    def __init__(
+        self,
+        reactor: Reactor,
+        device_id: str,
+        broker: BrokerAddress,
+        outbox: PendingStore,
+        birth: Callable[[], dict[str, Any]],
+        boot_id: str,
+        *,
+        prefix: str = protocol.DEFAULT_PREFIX,
+        keepalive: int = 30,
+        tls: TlsFiles | None = None,
+        on_command: Callable[[Kind, bytes], None] | None = None,
+        max_inflight: int = 20,
+        backoff: Backoff = Backoff(),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.device_id = device_id
+        self.broker = broker
+        self.outbox = outbox
+        self.prefix = prefix
+        self._birth = birth
+        self._boot_id = boot_id
+        self._on_command = on_command
+        self._max_inflight = max_inflight
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+        self._inflight: dict[int, tuple[int, Kind]] = {}  # paho mid -> (outbox seq, kind)
+        self._attempt = 0
+        self._closing = False
+        self._misc_timer: Timer | None = None
+        self._reconnect_timer: Timer | None = None
+        self.connected = False
+        self.connects = 0
+        self.disconnects = 0
+        self.acked: Counter[Kind] = Counter()
+
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=device_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(0)
+        will = protocol.encode(Kind.STATUS, protocol.offline_status(device_id, boot_id, "connection_lost"))
+        client.will_set(self.topic(Kind.STATUS), will, qos=1, retain=True)
+        if broker.tls or tls:
+            tls = tls or TlsFiles()
+            client.tls_set(
+                ca_certs=str(tls.ca) if tls.ca else None,
+                certfile=str(tls.cert) if tls.cert else None,
+                keyfile=str(tls.key) if tls.key else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.connect_async(broker.host, broker.port, keepalive)
+        self.client = client
+
+    def topic(self, kind: Kind) -> str:
+        return protocol.topic(self.prefix, self.device_id, kind)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin connecting; runs on the reactor thread."""
+        self._closing = False
+        self._misc_timer = self.reactor.call_every(1.0, self._misc, first_delay=self._rng.uniform(0, 1))
+        self._connect()
+
+    def _connect(self) -> None:
+        self._reconnect_timer = None
+        if self._closing:
+            return
+        try:
+            self.client.reconnect()
+        except (OSError, ssl.SSLError) as exc:
+            self._schedule_reconnect(f"{type(exc).__name__}: {exc}")
+
+    def _schedule_reconnect(self, reason: str) -> None:
+        if self._closing or self._reconnect_timer is not None:
+            return
+        delay = self._backoff.delay(self._attempt, self._rng)
+        self._attempt += 1
+        event(log, "mqtt_reconnect_scheduled", logging.WARNING, device_id=self.device_id, reason=reason,
+              delay_s=round(delay, 2), attempt=self._attempt)  # fmt: skip
+        self._reconnect_timer = self.reactor.call_later(delay, self._connect)
+
+    def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
+        """Say goodbye: a retained offline status, pending acks given a moment, then a clean DISCONNECT."""
+        if self.connected:
+            goodbye = protocol.encode(Kind.STATUS, protocol.offline_status(self.device_id, self._boot_id, reason))
+            info = self.client.publish(self.topic(Kind.STATUS), goodbye, qos=1, retain=True)
+            self.reactor.run_until(lambda: info.is_published() or not self.connected, timeout)
+        self._closing = True
+        for timer in (self._misc_timer, self._reconnect_timer):
+            if timer:
+                timer.cancel()
+        if self.connected:
+            self.client.disconnect()
+            self.reactor.run_until(lambda: self.client.socket() is None, timeout)
+        self.connected = False
+
+    # -- outbox -------------------------------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Send stored messages while the in-flight window has room."""
+        if not self.connected:
+            return
+        room = self._max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for entry in self.outbox.pending(room, exclude={seq for seq, _ in self._inflight.values()}):
+            info = self.client.publish(entry.topic, entry.payload, qos=entry.qos)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # connection went away mid-pump; the entry stays stored and is sent after reconnect
+            self._inflight[info.mid] = (entry.seq, entry.kind)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- paho callbacks (reactor thread) ------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            event(log, "mqtt_connect_refused", logging.ERROR, device_id=self.device_id, reason=str(reason))
+            return
+        self.connected = True
+        self._attempt = 0
+        self.connects += 1
+        event(log, "mqtt_connected", device_id=self.device_id, broker=self.broker.url,
+              session_present=bool(flags.session_present))  # fmt: skip
+        birth = protocol.encode(Kind.STATUS, self._birth())
+        client.publish(self.topic(Kind.STATUS), birth, qos=1, retain=True)
+        client.subscribe([(self.topic(Kind.DESIRED), 1), (self.topic(Kind.CMD), 1)])
+        self.pump()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was_connected = self.connected
+        self.connected = False
+        if was_connected:
+            self.disconnects += 1
+        if not self._closing:
+            self._schedule_reconnect(f"disconnected: {reason}")
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        sent = self._inflight.pop(mid, None)
+        if sent is not None:
+            seq, kind = sent
+            self.outbox.ack(seq)
+            self.acked[Kind(kind)] += 1
+            self.pump()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            device_id, kind = protocol.parse_topic(self.prefix, message.topic)
+        except protocol.ProtocolError as exc:
+            event(log, "mqtt_message_rejected", logging.WARNING, device_id=self.device_id, reason=exc.reason)
+            return
+        if device_id != self.device_id or kind not in (Kind.DESIRED, Kind.CMD):
+            event(log, "mqtt_message_rejected", logging.WARNING, device_id=self.device_id, reason="foreign_topic")
+            return
+        if self._on_command:
+            self._on_command(kind, message.payload)
+
+    def _misc(self) -> None:
+        if self.client.socket() is not None:
+            self.client.loop_misc()
+
+    def _on_socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
+        self.reactor.add_socket(sock, self._read, self._write)
+
+    def _on_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        self.reactor.remove_socket(sock)
+
+    def _on_register_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        self.reactor.want_write(sock, True)
+
+    def _on_unregister_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        self.reactor.want_write(sock, False)
+
+    def _read(self) -> None:
+        self.client.loop_read()
+
+    def _write(self) -> None:
+        self.client.loop_write()
+
+
+def new_boot_id() -> str:
+    """A fresh id per agent start; with the outbox sequence it makes every message unique."""
+    return uuid.uuid4().hex

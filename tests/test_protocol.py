@@ -1,0 +1,122 @@
+"""The wire contract: what passes, and why everything else is refused."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import pytest
+
+from agent import protocol
+from agent.protocol import Kind, ProtocolError
+
+BOOT = "0" * 32
+
+
+def window(**changes: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "v": 1,
+        "device_id": "pi-1",
+        "boot_id": BOOT,
+        "seq": 7,
+        "model": "digits",
+        "release": "digits:1.0.0",
+        "window_start": 1_700_000_000.0,
+        "window_end": 1_700_000_060.0,
+        "count": 10,
+        "errors": 1,
+        "dropped": 0,
+        "latency": [0] * (len(protocol.LATENCY_EDGES_MS) + 1),
+        "confidence": [0] * protocol.CONFIDENCE_BINS,
+        "classes": [1] * 10,
+        "features": [[1, 2, 3, 0, 0]] * 64,
+        "health": {"cpu_percent": 3.5, "rss_bytes": 1000, "temperature_c": None},
+    }
+    message.update(changes)
+    return message
+
+
+def test_topics_round_trip_and_foreign_topics_are_refused() -> None:
+    name = protocol.topic("edgefleet/v1", "pi-1", Kind.TELEMETRY)
+    assert name == "edgefleet/v1/pi-1/telemetry"
+    assert protocol.parse_topic("edgefleet/v1", name) == ("pi-1", Kind.TELEMETRY)
+    for bad in ["other/pi-1/telemetry", "edgefleet/v1/pi-1/telemetry/x", "edgefleet/v1/pi 1/status",
+                "edgefleet/v1/pi-1/nope", "xedgefleet/v1/pi-1/status"]:  # fmt: skip
+        with pytest.raises(ProtocolError):
+            protocol.parse_topic("edgefleet/v1", bad)
+
+
+def test_device_ids_are_restricted_to_a_safe_alphabet() -> None:
+    assert protocol.valid_device_id("pi_01.kitchen-2")
+    for bad in ["", "a/b", "a+b", "#", "../x", "é", "x" * 65]:
+        assert not protocol.valid_device_id(bad)
+    with pytest.raises(ProtocolError, match="bad_device_id"):
+        protocol.topic("p", "a/b", Kind.STATUS)
+
+
+def test_telemetry_is_compressed_on_the_wire_and_decodes_to_the_same_message() -> None:
+    message = window()
+    data = protocol.encode(Kind.TELEMETRY, message)
+    assert data[0] == 0x78
+    assert len(data) < len(json.dumps(message)) / 3
+    assert protocol.decode(Kind.TELEMETRY, data) == message
+
+
+def test_plain_json_telemetry_is_accepted_too() -> None:
+    assert protocol.decode(Kind.TELEMETRY, json.dumps(window()).encode())["seq"] == 7
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty"),
+        (b"\xff\xfe", "not_json"),
+        (b"{not json", "not_json"),
+        (b"[1, 2]", "not_object"),
+        (json.dumps(window(v=2)).encode(), "schema_version"),
+        (json.dumps(window(extra=1)).encode(), "unknown_field"),
+        (json.dumps({k: v for k, v in window().items() if k != "count"}).encode(), "missing_field"),
+        (json.dumps(window(count=-1)).encode(), "bad_field"),
+        (json.dumps(window(count=True)).encode(), "bad_field"),
+        (json.dumps(window(errors=11)).encode(), "bad_field"),
+        (json.dumps(window(window_end=1.0)).encode(), "bad_field"),
+        (json.dumps(window(features=[[1, 2], [1]])).encode(), "bad_field"),
+        (json.dumps(window(health={"cpu_percent": "hot"})).encode(), "bad_field"),
+        (json.dumps(window(health={"secret": 1})).encode(), "unknown_field"),
+        (
+            json.dumps(window()).replace('"count":10', '"count":NaN').replace('"count": 10', '"count": NaN').encode(),
+            "not_json",
+        ),
+        (b"{" * 100_000, "oversized"),
+        (zlib.compress(b"{" + b" " * (protocol.MAX_PAYLOAD_BYTES * 4) + b"}"), "oversized"),
+        (zlib.compress(json.dumps(window()).encode())[:-5], "bad_compression"),
+        (b"x\x9c garbage", "bad_compression"),
+    ],
+)
+def test_malformed_telemetry_is_refused_with_a_stable_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(Kind.TELEMETRY, payload)
+    assert info.value.reason == reason
+
+
+def test_a_zip_bomb_is_stopped_without_inflating_it() -> None:
+    bomb = zlib.compress(b"0" * (50 * 2**20), 9)
+    assert len(bomb) < protocol.MAX_PAYLOAD_BYTES
+    with pytest.raises(ProtocolError, match="oversized"):
+        protocol.decode(Kind.TELEMETRY, bomb)
+
+
+def test_status_birth_and_last_will_validate() -> None:
+    will = protocol.offline_status("pi-1", BOOT, "connection_lost")
+    assert protocol.decode(Kind.STATUS, protocol.encode(Kind.STATUS, will)) == will
+    birth = {"v": 1, "device_id": "pi-1", "state": "online", "boot_id": BOOT, "agent_version": "0.1.0",
+             "hardware": {"machine": "aarch64"}, "runtimes": ["onnxruntime"], "models": {}}  # fmt: skip
+    assert protocol.decode(Kind.STATUS, protocol.encode(Kind.STATUS, birth))["state"] == "online"
+    with pytest.raises(ProtocolError):
+        protocol.encode(Kind.STATUS, {**birth, "state": "sleeping"})
+
+
+def test_the_encoder_refuses_what_the_decoder_would_refuse() -> None:
+    with pytest.raises(ProtocolError):
+        protocol.encode(Kind.EVENTS, {"v": 1})
