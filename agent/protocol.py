@@ -166,7 +166,7 @@ HEALTH_FIELDS: Mapping[str, Field] = {
 }
 
 TELEMETRY_FIELDS: Mapping[str, Field] = {
-    "v": Field(lambda v: v == SCHEMA_VERSION, f"schema version {SCHEMA_VERSION}"),
+    "v": Field(lambda v: _is_int(v) and v == SCHEMA_VERSION, f"schema version {SCHEMA_VERSION}"),
     "device_id": _DEVICE_ID,
     "boot_id": _BOOT_ID,
     "seq": _SEQ,
@@ -225,7 +225,7 @@ def validate(kind: Kind, message: Any) -> dict[str, Any]:
         raise ProtocolError("no_schema", kind.value)
     if not isinstance(message, dict):
         raise ProtocolError("not_object")
-    if message.get("v") != SCHEMA_VERSION:
+    if not _is_int(message.get("v")) or message["v"] != SCHEMA_VERSION:
         raise ProtocolError("schema_version", repr(message.get("v")))
     for key in message:
         if key not in schema:

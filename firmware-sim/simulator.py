@@ -166,9 +166,12 @@ class Simulation:
         )
         if not drained:
             event(log, "sim_drain_timeout", logging.WARNING, queued=sum(d.report()["queued"] for d in self.devices))
+
+    def close(self) -> None:
         for device in self.devices:
             device.core.close(timeout=2.0)
         self._models.close()
+        self.reactor.close()
 
     def run(self, until: Callable[[], bool] | None = None) -> dict[str, Any]:
         started = time.monotonic()
@@ -177,8 +180,9 @@ class Simulation:
         while time.monotonic() < deadline and not (until and until()):
             self.reactor.run_once(max_wait=min(0.5, max(0.0, deadline - time.monotonic())))
         self.finish()
-        self.reactor.close()
-        return self.report(time.monotonic() - started)
+        report = self.report(time.monotonic() - started)
+        self.close()
+        return report
 
     def report(self, elapsed_s: float) -> dict[str, Any]:
         devices = [d.report() for d in self.devices]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -82,12 +84,14 @@ class MosquittoBroker:
                 [
                     f"listener {self.port} {self.host}",
                     "allow_anonymous true",
+                    # As root, mosquitto would switch to the `mosquitto` user, who cannot write our workdir.
+                    f"user {pwd.getpwuid(os.geteuid()).pw_name}",
                     "persistence true",
                     f"persistence_location {self.workdir}/",
                     "autosave_interval 5",
                     "max_queued_messages 100000",
                     "max_inflight_messages 100",
-                    "message_size_limit 1048576",
+                    "max_packet_size 1048576",
                     "log_dest stderr",
                     "log_type error",
                     "log_type warning",
