@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,9 @@ from agent.telemetry import WindowAggregator
 log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ModelConfig], runtime.Model]
+
+#: How often the reactor folds queued inferences into the window's histograms.
+DRAIN_INTERVAL_S = 0.25
 
 
 class UnknownModel(KeyError):
@@ -97,7 +99,7 @@ class AgentCore:
         self.windows_produced = 0
         self.started_at = 0.0
         self._window_timer: Timer | None = None
-        self._lock = threading.Lock()
+        self._drain_timer: Timer | None = None
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(
             config.state_dir / "outbox.sqlite",
@@ -118,16 +120,17 @@ class AgentCore:
             backoff=Backoff(maximum=config.reconnect_max_s),
             rng=rng,
         )
+        for cfg in config.models:
+            self._serve(cfg)
 
     # -- lifecycle (reactor thread) -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self.started_at = self.clock()
-        for cfg in self.config.models:
-            self._serve(cfg)
         self.emit("agent_started", agent_version=__version__, models=self._model_summary())
         self.link.start()
         self._window_timer = self.reactor.call_every(self.config.window_s, self.flush_windows)
+        self._drain_timer = self.reactor.call_every(DRAIN_INTERVAL_S, self.drain_telemetry)
         self.write_status()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -137,8 +140,9 @@ class AgentCore:
         self.close(timeout)
 
     def finish_windows(self) -> None:
-        if self._window_timer:
-            self._window_timer.cancel()
+        for timer in (self._window_timer, self._drain_timer):
+            if timer:
+                timer.cancel()
         self.flush_windows()
         self.emit("agent_stopped")
 
@@ -158,7 +162,7 @@ class AgentCore:
         card = read_card(cfg.card)
         model = self._loader(cfg)
         n_features = int(model.inputs[0].shape[-1] or 0)
-        edges = card.get("drift", {}).get("bin_edges") or [[0.0, 1.0]] * n_features
+        edges = card.get("drift", {}).get("edges") or [[0.0, 1.0]] * n_features
         n_classes = int(model.outputs[0].shape[-1] or len(card.get("labels", [])) or 1)
         aggregator = WindowAggregator(cfg.name, cfg.release, edges, n_classes, clock=self.clock)
         self.models[cfg.name] = ServedModel(cfg, model, aggregator)
@@ -178,6 +182,11 @@ class AgentCore:
             raise
         served.telemetry.record(inputs, outputs, time.perf_counter() - start)
         return outputs
+
+    def drain_telemetry(self) -> None:
+        """Histogram queued inferences here, on the reactor thread, so the callers of predict() do not pay for it."""
+        for served in self.models.values():
+            served.telemetry.drain()
 
     # -- reporting ----------------------------------------------------------------------------------------------
 
