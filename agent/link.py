@@ -47,10 +47,12 @@ class BrokerAddress:
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         """Accept ``mqtt://host:port`` and ``mqtts://host:port`` (the port defaults to 1883 and 8883)."""
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-            raise ValueError(f"broker URL {url!r} is not of the form mqtt://HOST:PORT or mqtts://HOST:PORT")
-        tls = parts.scheme in ("mqtts", "ssl")
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, not {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"broker URL takes only a host and a port: {url!r}")
+        tls = parts.scheme == "mqtts"
         return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
 
     @property

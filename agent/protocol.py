@@ -15,6 +15,7 @@ import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -32,7 +33,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
 LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.05 * 2 ** (k / 2), 4) for k in range(32))
 #: Top-1 confidence histogram: ten equal bins over [0, 1].
 CONFIDENCE_BINS = 10
-#: Extra per-feature bins after the card's bins: underflow is first, then overflow and NaN last.
+#: Extra per-feature bins beside the card's bins: underflow first; overflow and NaN are the last two columns, after
+#: any zero padding that makes rows of features with fewer bins as wide as the widest.
 FEATURE_EXTRA_BINS = 3
 
 #: zlib's first byte for the default window size; JSON objects start with "{".
@@ -122,23 +124,51 @@ def _timestamp(v: Any) -> bool:
 
 
 def _text(max_len: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and len(v) <= max_len
+    return lambda v: isinstance(v, str) and len(v) <= max_len and _utf8(v)
+
+
+def _utf8(v: str) -> bool:
+    """JSON escapes can smuggle in lone surrogates, which no UTF-8 store (SQLite, a terminal) accepts."""
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _name(v: Any) -> bool:
     return isinstance(v, str) and bool(_NAME_RE.fullmatch(v))
 
 
+_INT_ONLY = frozenset({int})
+_LIST_ONLY = frozenset({list})
+
+
 def _counts(min_len: int, max_len: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, list) and min_len <= len(v) <= max_len and all(_count(x) for x in v)
+    """A list of counts, checked at C speed (set of element types, min, max): windows carry hundreds of them."""
+
+    def check(v: Any) -> bool:
+        return (
+            type(v) is list
+            and min_len <= len(v) <= max_len
+            and (not v or (set(map(type, v)) <= _INT_ONLY and min(v) >= 0 and max(v) < 2**53))
+        )
+
+    return check
 
 
 def _matrix(max_rows: int, max_cols: int) -> Callable[[Any], bool]:
+    """Rows of counts, all of one width."""
+
     def check(v: Any) -> bool:
-        if not isinstance(v, list) or len(v) > max_rows:
+        if type(v) is not list or len(v) > max_rows:
             return False
-        widths = {len(row) if isinstance(row, list) else -1 for row in v}
-        return len(widths) <= 1 and all(_counts(0, max_cols)(row) for row in v)
+        if not v:
+            return True
+        if not set(map(type, v)) <= _LIST_ONLY or len(set(map(len, v))) != 1 or len(v[0]) > max_cols:
+            return False
+        flat = list(chain.from_iterable(v))
+        return not flat or (set(map(type, flat)) <= _INT_ONLY and min(flat) >= 0 and max(flat) < 2**53)
 
     return check
 
@@ -280,6 +310,9 @@ def _inflate(data: bytes) -> bytes:
     return raw
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _reject_constant(token: str) -> Any:
     raise ProtocolError("not_json", f"non-standard number {token}")
 
@@ -295,6 +328,8 @@ def decode(kind: Kind, payload: bytes) -> dict[str, Any]:
         message = json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError("not_json", str(exc)[:120]) from None
+    if _SURROGATE_ESCAPE.search(raw) and not _utf8(json.dumps(message, ensure_ascii=False)):
+        raise ProtocolError("not_json", "lone UTF-16 surrogate in a string")
     return validate(kind, message)
 
 

@@ -120,3 +120,20 @@ def test_status_birth_and_last_will_validate() -> None:
 def test_the_encoder_refuses_what_the_decoder_would_refuse() -> None:
     with pytest.raises(ProtocolError):
         protocol.encode(Kind.EVENTS, {"v": 1})
+
+
+def test_lone_surrogates_smuggled_in_by_json_escapes_are_refused() -> None:
+    payload = json.dumps(window(release="\ud800")).encode()
+    assert b"\\ud800" in payload
+    with pytest.raises(ProtocolError, match="surrogate"):
+        protocol.decode(Kind.TELEMETRY, payload)
+    detail = json.dumps({"v": 1, "device_id": "pi-1", "boot_id": BOOT, "seq": 1, "ts": 1.0, "type": "x",
+                         "detail": {"\udfff": 1}}).encode()  # fmt: skip
+    with pytest.raises(ProtocolError):
+        protocol.decode(Kind.EVENTS, detail)
+
+
+def test_a_boolean_or_float_schema_version_is_not_version_1() -> None:
+    for v in (True, 1.0):
+        with pytest.raises(ProtocolError, match="schema_version"):
+            protocol.decode(Kind.TELEMETRY, json.dumps(window(v=v)).encode())

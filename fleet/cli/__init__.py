@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import click
 
-from agent import __version__
+from agent import __version__, logs
+from fleet.cli import devices, model, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleet")
 def main() -> None:
     """Manage a fleet of edge devices running quantized ML models."""
+    logs.setup("WARNING")  # one JSON line per event on stderr; `fleet serve --log-level` raises the verbosity
 
 
 def _attach() -> None:
-    from fleet.cli import model
-
     main.add_command(model.model)
+    main.add_command(serve.init)
+    main.add_command(serve.serve)
+    main.add_command(devices.devices)
+    main.add_command(devices.telemetry)
+    main.add_command(devices.status)
 
 
 _attach()

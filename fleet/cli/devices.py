@@ -1,0 +1,216 @@
+"""Read commands over the ingested state: `fleet devices list|show`, `fleet telemetry`, `fleet status`.
+
+Every command has --json for scripts; the human views are rich tables. An unknown device exits with code 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from agent import protocol
+from fleet.cli.serve import NotFound, echo_json, home_option, json_option, open_store
+
+_RELATIVE_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class TimeSpec(click.ParamType):
+    """A point in time: ISO 8601 (UTC unless it names a zone) or an age like 30s, 10m, 2h, 1d, 1w."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        relative = _RELATIVE_RE.fullmatch(text)
+        if relative:
+            return time.time() - float(relative[1]) * _UNIT_S[relative[2]]
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(f"{text!r} is neither ISO 8601 nor an age like 10m, 2h, 1d", param, ctx)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def latency_quantile(buckets: Sequence[int], q: float) -> float | None:
+    """Upper edge (ms) of the latency bucket holding quantile q; inf if it is the overflow bucket, None if empty."""
+    total = sum(buckets)
+    if total == 0:
+        return None
+    cumulative = 0
+    for i, n in enumerate(buckets):
+        cumulative += n
+        if cumulative >= q * total:
+            return protocol.LATENCY_EDGES_MS[i] if i < len(protocol.LATENCY_EDGES_MS) else float("inf")
+    return float("inf")
+
+
+def _text(value: Any) -> str:
+    """A field for a human view: structures as compact JSON, missing values as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return f"> {protocol.LATENCY_EDGES_MS[-1]:g} ms"
+    return f"<= {value:g} ms"
+
+
+@click.group()
+def devices() -> None:
+    """The devices the fleet has heard from."""
+
+
+@devices.command("list")
+@home_option
+@json_option
+def list_devices(home: Path | None, as_json: bool) -> None:
+    """List every device.
+
+    Shows its online state, when it was last heard from, how many windows are stored, agent version and models.
+    """
+    with contextlib.closing(open_store(home)) as store:
+        rows = store.devices()
+    if as_json:
+        keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models")
+        echo_json([{k: row[k] for k in keys} for row in rows])
+        return
+    table = Table("device", "online", "last seen (UTC)", "windows", "agent", "models")
+    for row in rows:
+        table.add_row(
+            row["device_id"],
+            "yes" if row["online"] else "no",
+            row["last_seen"],
+            str(row["windows"]),
+            row["agent_version"] or "-",
+            ", ".join(sorted(row["models"] or {})) or "-",
+        )
+    Console().print(table)
+
+
+@devices.command("show")
+@click.argument("device_id", metavar="DEVICE")
+@home_option
+@json_option
+def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
+    """Show one device in detail.
+
+    Birth fields (hardware, runtimes, models), window and event counts, latest events. Exit code 3 if unknown.
+    """
+    with contextlib.closing(open_store(home)) as store:
+        info = store.device(device_id)
+    if info is None:
+        raise NotFound(f"unknown device {device_id!r}")
+    if as_json:
+        echo_json(info)
+        return
+    console = Console()
+    fields = Table.grid(padding=(0, 2))
+    for key in (
+        "device_id",
+        "online",
+        "offline_reason",
+        "boot_id",
+        "agent_version",
+        "first_seen",
+        "last_seen",
+        "windows",
+        "events",
+        "hardware",
+        "runtimes",
+        "models",
+    ):
+        fields.add_row(key, _text(info[key]))
+    console.print(fields)
+    events = Table("type", "model", "detail", title="latest events")
+    events.add_column("ts (UTC)", no_wrap=True)
+    for e in info["last_events"]:
+        events.add_row(e["type"], _text(e["model"]), _text(e["detail"]), e["ts"])
+    console.print(events)
+
+
+@click.command()
+@click.argument("device_id", metavar="DEVICE")
+@click.option("--model", help="Only this model's windows.")
+@click.option("--since", type=TimeSpec(), help="Windows starting at or after T (ISO 8601 or an age: 10m, 2h, 1d).")
+@click.option("--until", type=TimeSpec(), help="Windows starting before T (ISO 8601 or an age).")
+@home_option
+@json_option
+def telemetry(
+    device_id: str, model: str | None, since: float | None, until: float | None, home: Path | None, as_json: bool
+) -> None:
+    """Show a device's telemetry windows.
+
+    Windows are merged per model release: totals, error rate, latency p50/p95, predicted classes. Exit code 3 if
+    the device is unknown.
+    """
+    with contextlib.closing(open_store(home)) as store:
+        if store.device(device_id) is None:
+            raise NotFound(f"unknown device {device_id!r}")
+        data = store.telemetry(device_id, model=model, since=since, until=until)
+    if as_json:
+        echo_json(data)
+        return
+    console = Console()
+    if not data["merged"]:
+        console.print(f"no telemetry windows for {device_id} in this range")
+    for group in data["merged"]:
+        console.print(_merged_view(group))
+
+
+def _merged_view(group: dict[str, Any]) -> Table:
+    count = group["count"]
+    rate = f"{group['errors'] / count:.2%}" if count else "-"
+    title = f"{group['model']} {group['release'] or '(no release)'}: {group['windows']} windows"
+    table = Table.grid(padding=(0, 2))
+    table.title = title
+    table.add_row("span (UTC)", f"{group['window_start']} .. {group['window_end']}")
+    table.add_row("inferences", str(count))
+    table.add_row("errors", f"{group['errors']} ({rate})")
+    table.add_row("dropped", str(group["dropped"]))
+    table.add_row("latency p50", _ms(latency_quantile(group["latency"], 0.5)))
+    table.add_row("latency p95", _ms(latency_quantile(group["latency"], 0.95)))
+    classes = ", ".join(f"{i}: {n}" for i, n in enumerate(group["classes"]) if n)
+    table.add_row("predicted classes", classes or "-")
+    return table
+
+
+@click.command()
+@home_option
+@json_option
+def status(home: Path | None, as_json: bool) -> None:
+    """Show fleet-wide counts.
+
+    Devices online and offline, windows and events stored, rejected messages by reason.
+    """
+    with contextlib.closing(open_store(home)) as store:
+        summary = store.summary()
+    if as_json:
+        echo_json(summary)
+        return
+    d = summary["devices"]
+    table = Table.grid(padding=(0, 2))
+    table.add_row("devices", f"{d['total']} ({d['online']} online, {d['offline']} offline)")
+    table.add_row("windows", str(summary["windows"]))
+    table.add_row("events", str(summary["events"]))
+    rejects = ", ".join(f"{reason}: {n}" for reason, n in summary["rejects"].items())
+    table.add_row("rejected", rejects or "none")
+    Console().print(table)

@@ -1,0 +1,304 @@
+"""MQTT ingest: device status, telemetry and events from the broker into the store, batched, exactly once.
+
+Delivery: QoS 1, a persistent session (clean session off, so messages published while the fleet is down wait in the
+broker) and manual acks sent only after the batch holding the message is committed. A crash before the commit means
+the broker redelivers, and the store's (device_id, boot_id, seq) key absorbs the copy.
+
+Bad input never stops the ingest: a message that breaks the wire contract is counted by reason, logged (topic,
+reason, size; never the body), recorded, and acked so the broker does not redeliver it forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import protocol
+from agent.link import BrokerAddress, TlsFiles
+from agent.logs import event
+from fleet.store import Reject, Store
+
+log = logging.getLogger(__name__)
+
+_KEEPALIVE_S = 30
+_RECONNECT_MIN_S = 1
+_RECONNECT_MAX_S = 30
+_RETRY_MAX_S = 5.0
+#: A batch closes when no message came for this long. Short on purpose: the broker caps unacked messages per client
+#: (mosquitto's max_inflight_messages), so a batch that waits for more than that cap stalls the whole stream.
+_LULL_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One received message on its way to the writer: a decoded message of a kind, or a reject."""
+
+    kind: protocol.Kind | None
+    message: dict[str, Any] | Reject
+    mid: int
+    qos: int
+    topic: str
+    size: int
+
+
+class Ingest:
+    """Subscribe to every device's status, telemetry and events topics and store what arrives.
+
+    ``on_message`` (paho's network thread) only decodes and queues; one writer thread commits batches and then
+    acks them.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        broker_url: str,
+        prefix: str = protocol.DEFAULT_PREFIX,
+        client_id: str = "edgefleet-ingest",
+        batch_max: int = 500,
+        batch_interval_s: float = 0.2,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.batch_max = batch_max
+        self.batch_interval_s = batch_interval_s
+        self.address = BrokerAddress.parse(broker_url)
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop, after what is queued
+        self._closing = threading.Event()
+        self._ready = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._received = 0
+        self._stored = 0
+        self._duplicates = 0
+        self._batches = 0
+        self._rejected: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if self.address.tls:
+            tls = tls or TlsFiles()
+            client.tls_set(
+                ca_certs=str(tls.ca) if tls.ca else None,
+                certfile=str(tls.cert) if tls.cert else None,
+                keyfile=str(tls.key) if tls.key else None,
+            )
+        client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (paho retries with backoff until the broker answers) and start writing."""
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self._client.connect_async(self.address.host, self.address.port, keepalive=_KEEPALIVE_S)
+        self._client.loop_start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until connected and subscribed: from then on, what devices publish reaches the store."""
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        """Store and ack everything already queued, then disconnect.
+
+        Messages arriving during shutdown are left unacked: the broker keeps them in the session for the next start.
+        """
+        self._closing.set()
+        self._queue.put(None)
+        if self._writer is not None:
+            self._writer.join()
+        self._client.disconnect()  # queued behind the last acks, which therefore reach the broker first
+        self._client.loop_stop()
+        event(log, "ingest_stopped", **self.stats())
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return {
+                "connected": self._ready.is_set(),
+                "received": self._received,
+                "stored": self._stored,
+                "duplicates": self._duplicates,
+                "rejected": dict(self._rejected),
+                "queue_depth": self._queue.qsize(),
+                "batches": self._batches,
+            }
+
+    # -- paho callbacks (network thread) ------------------------------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            event(log, "ingest_connect_refused", logging.WARNING, reason=str(reason_code))
+            return
+        event(log, "ingest_connected", broker=f"{self.address.host}:{self.address.port}", session=flags.session_present)
+        # The session keeps the subscription, but a broker that lost its state would not: subscribe every time.
+        client.subscribe([(protocol.subscription(self.prefix, kind), 1) for kind in protocol.DEVICE_PUBLISHED])
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        event(log, "ingest_connect_failed", logging.WARNING, broker=f"{self.address.host}:{self.address.port}")
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            event(log, "ingest_subscribe_refused", logging.ERROR, reasons=refused)
+            return
+        self._ready.set()
+        event(log, "ingest_subscribed", prefix=self.prefix)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._ready.clear()
+        if not self._closing.is_set():
+            event(log, "ingest_disconnected", logging.WARNING, reason=str(reason_code))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._closing.is_set():
+            return  # unacked: redelivered to the next session
+        with self._stats_lock:
+            self._received += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # paho hands such topics over and raises on access
+            self._reject(msg, "<not UTF-8>", protocol.ProtocolError("bad_topic", "topic is not UTF-8"))
+            return
+        try:
+            self._queue.put(self._decode(topic, msg))
+        except protocol.ProtocolError as exc:
+            self._reject(msg, topic, exc)
+        except Exception as exc:  # a bug must cost one message, not the network thread
+            log.exception("ingest_decode_crashed")
+            self._reject(msg, topic, protocol.ProtocolError("internal_error", repr(exc)[:200]))
+
+    def _decode(self, topic: str, msg: mqtt.MQTTMessage) -> _Item:
+        device_id, kind = protocol.parse_topic(self.prefix, topic)
+        if kind not in protocol.DEVICE_PUBLISHED:
+            raise protocol.ProtocolError("bad_topic", topic)
+        message = protocol.decode(kind, msg.payload)
+        if message["device_id"] != device_id:
+            raise protocol.ProtocolError("device_mismatch", f"topic {device_id!r}, payload {message['device_id']!r}")
+        return _Item(kind, message, msg.mid, msg.qos, topic, len(msg.payload))
+
+    def _reject(self, msg: mqtt.MQTTMessage, topic: str, exc: protocol.ProtocolError) -> None:
+        reject = Reject(exc.reason, topic, exc.detail, len(msg.payload))
+        self._count_reject(reject)
+        self._queue.put(_Item(None, reject, msg.mid, msg.qos, topic, reject.size))
+
+    def _count_reject(self, reject: Reject) -> None:
+        with self._stats_lock:
+            self._rejected[reject.reason] += 1
+        event(
+            log,
+            "ingest_reject",
+            logging.WARNING,
+            topic=reject.topic,
+            reason=reject.reason,
+            detail=reject.detail,
+            size=reject.size,
+        )
+
+    # -- writer thread ------------------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Until stopped: collect a batch (up to batch_max, within batch_interval_s, until a lull) and commit it."""
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[_Item] = []
+            deadline = time.monotonic() + self.batch_interval_s
+            while item is not None:
+                batch.append(item)
+                left = deadline - time.monotonic()
+                if len(batch) >= self.batch_max or left <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=min(_LULL_S, left))
+                except queue.Empty:
+                    break
+            stopping = item is None
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[_Item]) -> None:
+        """Store a batch, then ack it; never give up on a message while the store itself fails.
+
+        A batch the store refuses is split, so one unstorable message cannot block the stream. A single message it
+        refuses is recorded as an "unstorable" reject if recording that works (then the message was the problem).
+        """
+        delay = 0.1
+        while (error := self._store_and_ack(batch)) is not None:
+            if len(batch) > 1:
+                for item in batch:
+                    self._commit([item])
+                return
+            item = batch[0]
+            unstorable = Reject("unstorable", item.topic, repr(error), item.size)
+            if self._store_and_ack([_Item(None, unstorable, item.mid, item.qos, item.topic, item.size)]) is None:
+                self._count_reject(unstorable)
+                return
+            if self._closing.is_set():
+                return  # nothing acked: the broker keeps the message for the next session
+            time.sleep(delay)  # the store itself fails (disk full, locked): wait for it
+            delay = min(delay * 2, _RETRY_MAX_S)
+
+    def _store_and_ack(self, batch: list[_Item]) -> Exception | None:
+        """Write one batch in one transaction and ack its messages; the store's exception if it refused."""
+        by_kind: dict[protocol.Kind, list[dict[str, Any]]] = {kind: [] for kind in protocol.DEVICE_PUBLISHED}
+        rejects: list[Reject] = []
+        for item in batch:
+            if isinstance(item.message, Reject):
+                rejects.append(item.message)
+            elif item.kind is not None:
+                by_kind[item.kind].append(item.message)
+        windows, events = by_kind[protocol.Kind.TELEMETRY], by_kind[protocol.Kind.EVENTS]
+        try:
+            stored = self.store.write_batch(by_kind[protocol.Kind.STATUS], windows, events, rejects)
+        except Exception as exc:  # nothing is acked yet, so the broker still holds every message of the batch
+            event(log, "ingest_write_failed", logging.ERROR, error=repr(exc), batch=len(batch))
+            return exc
+        for item in batch:
+            self._client.ack(item.mid, item.qos)
+        with self._stats_lock:
+            self._batches += 1
+            self._stored += stored
+            self._duplicates += len(windows) + len(events) - stored
+        return None

@@ -1,0 +1,446 @@
+"""The fleet manager's state in SQLite (WAL) through sqlite-utils: devices, telemetry windows, events, rejects.
+
+Writes come in batches from the ingest, one transaction each, so the fleet keeps up with the broker. Windows and
+events are keyed by (device_id, boot_id, seq) and inserted with INSERT OR IGNORE: a message the broker redelivers
+(the ingest acks only after commit) is absorbed here, which makes storage exactly-once.
+
+Timestamps are stored as unix seconds (floats) and leave the query methods as ISO 8601 UTC strings, so every query
+result is ready for JSON output. A device's ``last_seen`` is when the fleet received its latest message: device
+clocks may be wrong, the fleet's is the one clock every device is compared on.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from agent.telemetry import merge_windows
+
+#: A window's histograms and health, stored as JSON text.
+_JSON_WINDOW_FIELDS = ("latency", "confidence", "classes", "features", "feedback", "health")
+_WINDOW_COLUMNS = (
+    "device_id",
+    "boot_id",
+    "seq",
+    "model",
+    "release",
+    "window_start",
+    "window_end",
+    "count",
+    "errors",
+    "dropped",
+    "received_at",
+    *_JSON_WINDOW_FIELDS,
+)
+_EVENT_COLUMNS = ("device_id", "boot_id", "seq", "ts", "type", "model", "detail", "received_at")
+_DEVICE_JSON_FIELDS = ("hardware", "runtimes", "models")
+#: Longest topic and detail text kept for a reject: enough to find the sender, never a payload dump.
+_REJECT_TEXT_MAX = 256
+#: How many of a device's latest events `device()` returns.
+LAST_EVENTS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A message the ingest refused. Only its reason, topic, detail and size are kept: never the payload body."""
+
+    reason: str
+    topic: str
+    detail: str = ""
+    size: int = 0
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as ISO 8601 UTC with millisecond precision."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: One encoder for the write path: json.dumps with options builds a new encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else _encode(value)
+
+
+def _storable(text: str) -> str:
+    """Reject texts quote what a device sent, which may hold lone surrogates that SQLite's UTF-8 cannot carry."""
+    return text[:_REJECT_TEXT_MAX].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schema. Each migration takes the database one version up; PRAGMA user_version records how far it got.
+
+
+def _schema_v1(db: sqlite_utils.Database) -> None:
+    db["devices"].create(
+        {
+            "device_id": str,
+            "first_seen": float,
+            "last_seen": float,
+            "online": bool,
+            "boot_id": str,
+            "agent_version": str,
+            "hardware": str,
+            "runtimes": str,
+            "models": str,
+            "offline_reason": str,
+        },
+        pk="device_id",
+        not_null=["first_seen", "last_seen", "online"],
+    )
+    db["windows"].create(
+        {
+            "device_id": str,
+            "boot_id": str,
+            "seq": int,
+            "model": str,
+            "release": str,
+            "window_start": float,
+            "window_end": float,
+            "count": int,
+            "errors": int,
+            "dropped": int,
+            "received_at": float,
+            **dict.fromkeys(_JSON_WINDOW_FIELDS, str),
+        },
+        pk=("device_id", "boot_id", "seq"),
+        not_null=[c for c in _WINDOW_COLUMNS if c != "feedback"],
+    )
+    db["windows"].create_index(["device_id", "window_start"])
+    db["windows"].create_index(["device_id", "model"])
+    db["events"].create(
+        {
+            "device_id": str,
+            "boot_id": str,
+            "seq": int,
+            "ts": float,
+            "type": str,
+            "model": str,
+            "detail": str,
+            "received_at": float,
+        },
+        pk=("device_id", "boot_id", "seq"),
+        not_null=["ts", "type", "detail", "received_at"],
+    )
+    db["events"].create_index(["device_id", "ts"])
+    db["rejects"].create(
+        {"reason": str, "count": int, "last_detail": str, "last_topic": str, "last_seen": float},
+        pk="reason",
+        not_null=["count", "last_seen"],
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_schema_v1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _user_version(db: sqlite_utils.Database) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`, one transaction per step; returns the version found.
+
+    Each step takes the write lock first and re-reads the version, so two processes opening a new database at
+    once (`fleet serve` and a CLI command) cannot both run it.
+    """
+    found = _user_version(db)
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(f"the database has schema v{found}, newer than this fleet manager (v{SCHEMA_VERSION})")
+    version = found
+    while version < SCHEMA_VERSION:
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _user_version(db)
+            if version < SCHEMA_VERSION:
+                MIGRATIONS[version](db)
+                version += 1
+                db.execute(f"PRAGMA user_version = {version}")
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SQL of the write path, written out once: executemany over prepared statements is the fast way to batch.
+
+_INSERT_WINDOW = (
+    f"INSERT OR IGNORE INTO windows ({', '.join(_WINDOW_COLUMNS)}) VALUES ({', '.join('?' * len(_WINDOW_COLUMNS))})"
+)
+_INSERT_EVENT = (
+    f"INSERT OR IGNORE INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})"
+)
+# Windows and events also prove a device exists: register it (offline until its birth says otherwise), then touch.
+_REGISTER_DEVICE = (
+    "INSERT OR IGNORE INTO devices (device_id, first_seen, last_seen, online, boot_id) VALUES (?, ?, ?, 0, ?)"
+)
+_TOUCH_DEVICE = "UPDATE devices SET last_seen = max(last_seen, ?) WHERE device_id = ?"
+_BIRTH = """
+INSERT INTO devices (device_id, first_seen, last_seen, online, boot_id, agent_version, hardware, runtimes, models,
+                     offline_reason)
+VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, NULL)
+ON CONFLICT (device_id) DO UPDATE SET
+    last_seen = max(last_seen, excluded.last_seen),
+    online = 1,
+    boot_id = excluded.boot_id,
+    agent_version = coalesce(excluded.agent_version, agent_version),
+    hardware = coalesce(excluded.hardware, hardware),
+    runtimes = coalesce(excluded.runtimes, runtimes),
+    models = coalesce(excluded.models, models),
+    offline_reason = NULL
+"""
+# A will is only about the boot that left it: after a reboot, the old session's will must not mark the device offline.
+_OFFLINE = "UPDATE devices SET online = 0, offline_reason = ? WHERE device_id = ? AND boot_id = ?"
+_REJECT = """
+INSERT INTO rejects (reason, count, last_detail, last_topic, last_seen) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (reason) DO UPDATE SET
+    count = count + excluded.count,
+    last_detail = excluded.last_detail,
+    last_topic = excluded.last_topic,
+    last_seen = excluded.last_seen
+"""
+
+
+def _window_row(w: Mapping[str, Any], received_at: float) -> tuple[Any, ...]:
+    return (
+        w["device_id"],
+        w["boot_id"],
+        w["seq"],
+        w["model"],
+        w["release"],
+        w["window_start"],
+        w["window_end"],
+        w["count"],
+        w["errors"],
+        w["dropped"],
+        received_at,
+        *(_dumps(w.get(f)) for f in _JSON_WINDOW_FIELDS),
+    )
+
+
+def _event_row(e: Mapping[str, Any], received_at: float) -> tuple[Any, ...]:
+    return (
+        e["device_id"],
+        e["boot_id"],
+        e["seq"],
+        e["ts"],
+        e["type"],
+        e.get("model"),
+        _dumps(e["detail"]),
+        received_at,
+    )
+
+
+class Store:
+    """One SQLite database. Safe to share between threads: one connection, serialized by a lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        # The ingest's writer thread writes while other threads read stats, hence check_same_thread=False + a lock.
+        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.Lock()
+        self.db.enable_wal()
+        # NORMAL under WAL survives a crash of this process (what commit-then-ack relies on); only a power loss
+        # can lose the last commits, and the broker's own persistence loses more than that in that case.
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        migrate(self.db)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # -- writes -------------------------------------------------------------------------------------------------
+
+    def write_batch(
+        self,
+        status: Sequence[Mapping[str, Any]] = (),
+        windows: Sequence[Mapping[str, Any]] = (),
+        events: Sequence[Mapping[str, Any]] = (),
+        rejects: Sequence[Reject] = (),
+        received_at: float | None = None,
+    ) -> int:
+        """Store validated messages in one transaction; returns how many windows and events were new.
+
+        Statuses apply in the given order. The difference between the windows and events given and the number
+        returned is the duplicates that were absorbed.
+        """
+        now = time.time() if received_at is None else received_at
+        window_rows = [_window_row(w, now) for w in windows]
+        event_rows = [_event_row(e, now) for e in events]
+        seen = {m["device_id"]: m["boot_id"] for m in (*windows, *events)}
+        with self._lock, self.db.atomic():
+            conn = self.db.conn
+            for s in status:
+                self._apply_status(conn, s, now)
+            conn.executemany(_REGISTER_DEVICE, [(d, now, now, boot) for d, boot in seen.items()])
+            conn.executemany(_TOUCH_DEVICE, [(now, d) for d in seen])
+            stored = conn.executemany(_INSERT_WINDOW, window_rows).rowcount if window_rows else 0
+            stored += conn.executemany(_INSERT_EVENT, event_rows).rowcount if event_rows else 0
+            conn.executemany(_REJECT, self._reject_rows(rejects, now))
+        return stored
+
+    @staticmethod
+    def _apply_status(conn: sqlite3.Connection, s: Mapping[str, Any], now: float) -> None:
+        device_id, boot_id = s["device_id"], s["boot_id"]
+        if s["state"] == "online":
+            conn.execute(
+                _BIRTH,
+                (
+                    device_id,
+                    now,
+                    now,
+                    boot_id,
+                    s.get("agent_version"),
+                    *(_dumps(s.get(f)) for f in _DEVICE_JSON_FIELDS),
+                ),
+            )
+        else:
+            conn.execute(_REGISTER_DEVICE, (device_id, now, now, boot_id))
+            conn.execute(_OFFLINE, (s.get("reason"), device_id, boot_id))
+
+    @staticmethod
+    def _reject_rows(rejects: Sequence[Reject], now: float) -> list[tuple[Any, ...]]:
+        """One row per reason: its count in this batch and the last example of it."""
+        counts: dict[str, int] = {}
+        last: dict[str, Reject] = {}
+        for r in rejects:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+            last[r.reason] = r
+        return [
+            (reason, n, _storable(last[reason].detail), _storable(last[reason].topic), now)
+            for reason, n in counts.items()
+        ]
+
+    # -- reads --------------------------------------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(row) for row in self.db.query(sql, params)]
+
+    @staticmethod
+    def _device_view(row: dict[str, Any]) -> dict[str, Any]:
+        row["online"] = bool(row["online"])
+        for field in ("first_seen", "last_seen"):
+            row[field] = iso(row[field])
+        for field in _DEVICE_JSON_FIELDS:
+            row[field] = _loads(row[field])
+        return row
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every known device with its state and how many distinct windows are stored for it."""
+        rows = self._rows(
+            "SELECT d.*, (SELECT count(*) FROM windows w WHERE w.device_id = d.device_id) AS windows "
+            "FROM devices d ORDER BY d.device_id"
+        )
+        return [self._device_view(r) for r in rows]
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        """One device in detail, with its window and event counts and latest events; None if unknown."""
+        rows = self._rows(
+            "SELECT d.*, (SELECT count(*) FROM windows w WHERE w.device_id = d.device_id) AS windows, "
+            "(SELECT count(*) FROM events e WHERE e.device_id = d.device_id) AS events "
+            "FROM devices d WHERE d.device_id = ?",
+            (device_id,),
+        )
+        if not rows:
+            return None
+        view = self._device_view(rows[0])
+        events = self._rows(
+            "SELECT * FROM events WHERE device_id = ? ORDER BY ts DESC, seq DESC LIMIT ?", (device_id, LAST_EVENTS)
+        )
+        view["last_events"] = [self._event_view(e) for e in events]
+        return view
+
+    @staticmethod
+    def _event_view(row: dict[str, Any]) -> dict[str, Any]:
+        row["ts"] = iso(row["ts"])
+        row["received_at"] = iso(row["received_at"])
+        row["detail"] = _loads(row["detail"])
+        return row
+
+    def telemetry(
+        self, device_id: str, model: str | None = None, since: float | None = None, until: float | None = None
+    ) -> dict[str, Any]:
+        """A device's windows that start in [since, until), and their histograms merged per (model, release).
+
+        Merging is per release because the feature bin edges come from the signed release: only windows of the
+        same release have histograms that add up bin by bin. Merged entries hold `agent.telemetry.merge_windows`'s
+        fields plus ``windows`` (how many were merged) and ``dropped``.
+        """
+        sql = "SELECT * FROM windows WHERE device_id = ?"
+        params: list[Any] = [device_id]
+        for clause, value in (("model = ?", model), ("window_start >= ?", since), ("window_start < ?", until)):
+            if value is not None:
+                sql += f" AND {clause}"
+                params.append(value)
+        rows = self._rows(sql + " ORDER BY window_start, boot_id, seq", params)
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            for field in _JSON_WINDOW_FIELDS:
+                row[field] = _loads(row[field])
+            if row["feedback"] is None:
+                del row["feedback"]  # as on the wire: only windows that had feedback carry it
+            groups.setdefault((row["model"], row["release"]), []).append(row)
+        merged = []
+        for key in sorted(groups):
+            group = groups[key]
+            summed = merge_windows(group)
+            summed["windows"] = len(group)
+            summed["dropped"] = sum(w["dropped"] for w in group)  # merge_windows leaves envelope fields out
+            merged.append(summed)
+        for row in (*rows, *merged):
+            for field in ("window_start", "window_end", "received_at"):
+                if field in row:
+                    row[field] = iso(row[field])
+        return {
+            "device_id": device_id,
+            "model": model,
+            "since": iso(since),
+            "until": iso(until),
+            "windows": rows,
+            "merged": merged,
+        }
+
+    def window_counts(self) -> dict[str, int]:
+        """Distinct windows stored per device."""
+        rows = self._rows("SELECT device_id, count(*) AS n FROM windows GROUP BY device_id")
+        return {r["device_id"]: r["n"] for r in rows}
+
+    def reject_counts(self) -> dict[str, int]:
+        """Rejected messages per reason, since the database was made."""
+        return {r["reason"]: r["count"] for r in self._rows("SELECT reason, count FROM rejects ORDER BY reason")}
+
+    def summary(self) -> dict[str, Any]:
+        """Fleet-wide counts for `fleet status`."""
+        devices = self._rows("SELECT count(*) AS total, coalesce(sum(online), 0) AS online FROM devices")[0]
+        windows = self._rows("SELECT count(*) AS n FROM windows")[0]["n"]
+        events = self._rows("SELECT count(*) AS n FROM events")[0]["n"]
+        return {
+            "devices": {
+                "total": devices["total"],
+                "online": devices["online"],
+                "offline": devices["total"] - devices["online"],
+            },
+            "windows": windows,
+            "events": events,
+            "rejects": self.reject_counts(),
+        }

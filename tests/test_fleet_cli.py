@@ -1,0 +1,323 @@
+"""The `fleet` CLI: init, serve as a real process with its embedded broker, and the read commands on real data."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner, Result
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import protocol
+from agent.link import BrokerAddress
+from agent.protocol import Kind
+from fleet.cli import main
+from fleet.store import Reject, Store
+
+BOOT = "c" * 32
+FLEET = Path(sys.executable).parent / "fleet"
+
+
+def window(device_id: str, seq: int, start: float, latency_bucket: int, classes: list[int]) -> dict[str, Any]:
+    count = sum(classes)
+    latency = [0] * (len(protocol.LATENCY_EDGES_MS) + 1)
+    latency[latency_bucket] = count
+    confidence = [0] * protocol.CONFIDENCE_BINS
+    confidence[-1] = count
+    return {
+        "v": protocol.SCHEMA_VERSION,
+        "device_id": device_id,
+        "boot_id": BOOT,
+        "seq": seq,
+        "model": "digits",
+        "release": "digits:3",
+        "window_start": start,
+        "window_end": start + 60,
+        "count": count,
+        "errors": 1,
+        "dropped": 2,
+        "latency": latency,
+        "confidence": confidence,
+        "classes": classes,
+        "features": [[0, count, 0, 0]],
+        "health": {"temperature_c": 48.5},
+    }
+
+
+def birth(device_id: str) -> dict[str, Any]:
+    return {
+        "v": protocol.SCHEMA_VERSION,
+        "device_id": device_id,
+        "state": "online",
+        "boot_id": BOOT,
+        "agent_version": "0.3.1",
+        "hardware": {"machine": "armv7l"},
+        "runtimes": ["onnxruntime", "litert"],
+        "models": {"digits": {"release": "digits:3"}},
+    }
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def fleet(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A fleet home with two devices (pi-1 online with three windows and an event, pi-2 gone offline), two rejects."""
+    home = tmp_path / "home"
+    assert fleet("init", "--home", str(home)).exit_code == 0
+    now = time.time()
+    store = Store(home / "fleet.db")
+    store.write_batch(
+        status=[birth("pi-1"), birth("pi-2"), protocol.offline_status("pi-2", BOOT, "connection_lost")],
+        windows=[
+            window("pi-1", 0, now - 3 * 3600, latency_bucket=4, classes=[10, 0, 0]),
+            window("pi-1", 1, now - 600, latency_bucket=4, classes=[0, 9, 1]),
+            window("pi-1", 2, now - 300, latency_bucket=12, classes=[0, 0, 10]),
+        ],
+        events=[
+            {
+                "v": protocol.SCHEMA_VERSION,
+                "device_id": "pi-1",
+                "boot_id": BOOT,
+                "seq": 0,
+                "ts": now - 200,
+                "type": "install_committed",
+                "model": "digits",
+                "detail": {"release": "digits:3"},
+            }
+        ],
+        rejects=[Reject("not_json", "edgefleet/v1/pi-3/telemetry", "Expecting value", 12)] * 2,
+    )
+    store.close()
+    return home
+
+
+# --------------------------------------------------------------------------------------------------------------
+# init
+
+
+def test_init_creates_an_owner_only_home_with_a_database_and_is_idempotent(tmp_path: Path) -> None:
+    home = tmp_path / "fleet-home"
+    first = fleet("init", "--home", str(home), "--json")
+    assert first.exit_code == 0
+    made = json.loads(first.stdout)
+    assert made["home"] == str(home)
+    assert set(made["created"]) == {str(home), str(home / "broker"), str(home / "fleet.db")}
+    assert (home / "fleet.db").stat().st_mode & 0o777 == 0o600
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert (home / "broker").stat().st_mode & 0o777 == 0o700
+
+    again = fleet("init", "--home", str(home))
+    assert again.exit_code == 0
+    assert "up to date" in again.stdout
+
+
+def test_the_home_comes_from_the_environment_when_no_option_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFLEET_HOME", str(tmp_path / "from-env"))
+    assert fleet("init").exit_code == 0
+    assert (tmp_path / "from-env" / "fleet.db").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# serve, as a real process
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert lines, f"`fleet serve` printed nothing in {timeout}s"
+    return lines[0].strip()
+
+
+def _publish(url: str, messages: list[tuple[str, Kind, dict[str, Any]]]) -> None:
+    address = BrokerAddress.parse(url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cli-test-device")
+    client.connect(address.host, address.port)
+    client.loop_start()
+    for device_id, kind, message in messages:
+        topic = protocol.topic(protocol.DEFAULT_PREFIX, device_id, kind)
+        client.publish(topic, protocol.encode(kind, message), qos=1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_serve_runs_an_embedded_broker_stores_what_devices_publish_and_exits_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    stderr = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [str(FLEET), "serve", "--home", str(home), "--stats-interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        line = _first_line(proc, 20)
+        assert line.startswith("broker: mqtt://127.0.0.1:"), line
+        url = line.removeprefix("broker: ")
+        telemetry = window("pi-9", 5, 1.7e9, latency_bucket=3, classes=[4])
+        _publish(url, [("pi-9", Kind.STATUS, birth("pi-9")), ("pi-9", Kind.TELEMETRY, telemetry)])
+        store = Store(home / "fleet.db")
+        wait_for(lambda: store.window_counts() == {"pi-9": 1}, "the window in the database")
+        store.close()
+        wait_for(lambda: "ingest_stats" in (tmp_path / "serve.log").read_text(), "a periodic stats line")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        stderr.close()
+
+    logs = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
+    assert {"serve_started", "ingest_stats", "ingest_stopped", "serve_stopped"} <= {entry["event"] for entry in logs}
+    address = BrokerAddress.parse(url)
+    with pytest.raises(OSError), socket.create_connection((address.host, address.port), timeout=1):
+        pass  # the embedded broker stopped with the fleet
+    status = json.loads(fleet("status", "--home", str(home), "--json").stdout)
+    assert status["windows"] == 1
+    assert status["devices"] == {"total": 1, "online": 1, "offline": 0}
+
+
+def test_serve_refuses_a_broker_url_it_cannot_use(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path), "--broker", "http://example.com"])
+    assert result.exit_code == 2
+    assert "mqtt://HOST:PORT" in result.output
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The read commands
+
+
+def test_devices_list_json_has_each_devices_state_windows_agent_and_models(home: Path) -> None:
+    result = fleet("devices", "list", "--home", str(home), "--json")
+    assert result.exit_code == 0
+    devices = json.loads(result.stdout)
+    assert [d["device_id"] for d in devices] == ["pi-1", "pi-2"]
+    pi1, pi2 = devices
+    assert set(pi1) == {"device_id", "online", "last_seen", "windows", "agent_version", "models"}
+    assert (pi1["online"], pi1["windows"], pi1["agent_version"]) == (True, 3, "0.3.1")
+    assert pi1["models"] == {"digits": {"release": "digits:3"}}
+    assert (pi2["online"], pi2["windows"]) == (False, 0)
+    assert abs(time.time() - datetime.fromisoformat(pi1["last_seen"]).timestamp()) < 60
+
+
+def test_devices_list_prints_a_table_for_people(home: Path) -> None:
+    result = fleet("devices", "list", "--home", str(home))
+    assert result.exit_code == 0
+    assert "pi-1" in result.stdout
+    assert "pi-2" in result.stdout
+    assert "0.3.1" in result.stdout
+
+
+def test_devices_show_gives_the_birth_fields_counts_and_latest_events(home: Path) -> None:
+    result = fleet("devices", "show", "pi-1", "--home", str(home), "--json")
+    assert result.exit_code == 0
+    device = json.loads(result.stdout)
+    assert device["hardware"] == {"machine": "armv7l"}
+    assert device["runtimes"] == ["onnxruntime", "litert"]
+    assert (device["boot_id"], device["windows"], device["events"]) == (BOOT, 3, 1)
+    assert [e["type"] for e in device["last_events"]] == ["install_committed"]
+
+    offline = json.loads(fleet("devices", "show", "pi-2", "--home", str(home), "--json").stdout)
+    assert (offline["online"], offline["offline_reason"]) == (False, "connection_lost")
+    assert "install_committed" in fleet("devices", "show", "pi-1", "--home", str(home)).stdout
+
+
+def test_an_unknown_device_exits_with_code_3_and_says_so(home: Path) -> None:
+    for command in (["devices", "show", "nope"], ["telemetry", "nope"]):
+        result = CliRunner().invoke(main, [*command, "--home", str(home), "--json"])
+        assert result.exit_code == 3
+        assert "unknown device 'nope'" in result.output
+
+
+def test_read_commands_fail_with_code_1_when_there_is_no_fleet_home(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["devices", "list", "--home", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert "fleet init" in result.output
+    assert not (tmp_path / "missing").exists()
+
+
+def test_telemetry_json_merges_the_windows_in_range_exactly(home: Path) -> None:
+    everything = json.loads(fleet("telemetry", "pi-1", "--home", str(home), "--json").stdout)
+    assert [w["seq"] for w in everything["windows"]] == [0, 1, 2]
+    (merged,) = everything["merged"]
+    assert (merged["model"], merged["release"], merged["windows"]) == ("digits", "digits:3", 3)
+    assert (merged["count"], merged["errors"], merged["dropped"]) == (30, 3, 6)
+    assert merged["classes"] == [10, 9, 11]
+    assert merged["features"] == [[0, 30, 0, 0]]
+    assert merged["latency"][4] == 20 and merged["latency"][12] == 10
+
+    recent = json.loads(fleet("telemetry", "pi-1", "--since", "1h", "--home", str(home), "--json").stdout)
+    assert [w["seq"] for w in recent["windows"]] == [1, 2]
+    assert recent["merged"][0]["count"] == 20
+
+    until = everything["windows"][1]["window_start"]  # ISO 8601, as the output gives it
+    older = json.loads(fleet("telemetry", "pi-1", "--until", until, "--home", str(home), "--json").stdout)
+    assert [w["seq"] for w in older["windows"]] == [0]
+    other_model = json.loads(fleet("telemetry", "pi-1", "--model", "mnist", "--home", str(home), "--json").stdout)
+    assert other_model["windows"] == [] and other_model["merged"] == []
+
+
+def test_telemetry_for_people_shows_totals_error_rate_latency_percentiles_and_classes(home: Path) -> None:
+    result = fleet("telemetry", "pi-1", "--home", str(home))
+    assert result.exit_code == 0
+    out = result.stdout
+    assert "digits digits:3: 3 windows" in out
+    assert "3 (10.00%)" in out  # errors and error rate
+    assert f"<= {protocol.LATENCY_EDGES_MS[4]:g} ms" in out  # p50: 20 of 30 in bucket 4
+    assert f"<= {protocol.LATENCY_EDGES_MS[12]:g} ms" in out  # p95: in bucket 12
+    assert "0: 10, 1: 9, 2: 11" in out
+
+
+def test_telemetry_rejects_a_time_it_cannot_read_as_a_usage_error(home: Path) -> None:
+    result = CliRunner().invoke(main, ["telemetry", "pi-1", "--since", "yesterday-ish", "--home", str(home)])
+    assert result.exit_code == 2
+    assert "neither ISO 8601 nor an age" in result.output
+
+
+def test_status_counts_devices_windows_events_and_rejects(home: Path) -> None:
+    status = json.loads(fleet("status", "--home", str(home), "--json").stdout)
+    assert status == {
+        "devices": {"total": 2, "online": 1, "offline": 1},
+        "windows": 3,
+        "events": 1,
+        "rejects": {"not_json": 2},
+    }
+    human = fleet("status", "--home", str(home)).stdout
+    assert "1 online, 1 offline" in human
+    assert "not_json: 2" in human
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["init"], ["serve"], ["devices"], ["devices", "list"], ["devices", "show"], ["telemetry"], ["status"]],
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = fleet(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage:" in result.stdout
