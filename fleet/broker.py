@@ -188,13 +188,13 @@ class AmqttBroker:
         self._broker = None
 
 
-def embedded_broker(workdir: Path) -> Broker:
+def embedded_broker(workdir: Path, port: int | None = None) -> Broker:
     """Start the best broker this machine has and return it running."""
     broker: Broker
     if MosquittoBroker.available():
-        broker = MosquittoBroker(workdir)
+        broker = MosquittoBroker(workdir, port)
     else:
         event(log, "broker_fallback", logging.WARNING, reason="mosquitto not on PATH; using in-process amqtt")
-        broker = AmqttBroker()
+        broker = AmqttBroker(port)
     broker.start()
     return broker

@@ -110,6 +110,11 @@ _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
     callback=_validate_broker,
     help="mqtt://HOST:PORT or mqtts://HOST:PORT. [default: start an embedded broker in the home]",
 )
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port of the embedded broker, so devices find it again after a restart. [default: a free port]",
+)
 @click.option("--prefix", default=protocol.DEFAULT_PREFIX, show_default=True, help="Topic prefix of the fleet.")
 @click.option("--client-id", default="edgefleet-ingest", show_default=True, help="MQTT client id of the ingest.")
 @click.option("--ca", type=_existing_file, help="CA certificate for mqtts://.")
@@ -131,6 +136,7 @@ _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 def serve(
     home: Path | None,
     broker_url: str | None,
+    port: int | None,
     prefix: str,
     client_id: str,
     ca: Path | None,
@@ -144,6 +150,8 @@ def serve(
     Ingests device status, telemetry and events into the home's database. Prints one line `broker: URL` on
     stdout once the ingest is subscribed; logs are JSON lines on stderr.
     """
+    if port is not None and broker_url is not None:
+        raise click.UsageError("--port sets the embedded broker's port; it does not go with --broker")
     if (ca or cert or key) and not (broker_url or "").startswith("mqtts://"):
         raise click.UsageError("--ca, --cert and --key are for an mqtts:// --broker")
     logs.setup(log_level)
@@ -156,7 +164,7 @@ def serve(
     try:
         if broker_url is None:
             try:
-                broker = embedded_broker(made.broker_dir)
+                broker = embedded_broker(made.broker_dir, port)
             except (RuntimeError, OSError) as exc:
                 raise click.ClickException(f"the embedded broker did not start: {exc}") from None
             broker_url = broker.url

@@ -1,0 +1,130 @@
+"""Every command the README shows runs as shown (installation itself is exercised by scripts/test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def readme_commands() -> list[str]:
+    """Command lines of the README's sh blocks, comments and continuations stripped."""
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                lines.extend(part.strip() for part in line.split("&&"))
+    return lines
+
+
+#: Each README command and the test below that runs it. A new README command without a test fails here.
+COVERED = {
+    'pip install ".[all]"': "scripts/test installs .[all,dev]",
+    "fleet model example --out models": "test_the_main_job_builds_models_and_runs_them",
+    "fleet model run models/int8.onnx": "test_the_main_job_builds_models_and_runs_them",
+    "bash scripts/test": "CI runs it",
+    "fleet init": "test_the_fleet_flow_of_the_readme",
+    "fleet serve": "test_the_fleet_flow_of_the_readme",
+    "firmware-sim run --devices 20 --broker mqtt://127.0.0.1:PORT --duration 30 --window 5": "fleet flow",
+    "fleet devices list --json": "test_the_fleet_flow_of_the_readme",
+    "fleet telemetry sim-0000 --since 10m --json": "test_the_fleet_flow_of_the_readme",
+}
+
+
+def test_every_readme_command_is_covered_by_a_test() -> None:
+    assert set(readme_commands()) == set(COVERED)
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def test_the_main_job_builds_models_and_runs_them(tmp_path: Path) -> None:
+    run([str(BIN / "fleet"), "model", "example", "--out", "models"], cwd=tmp_path)
+    assert {p.name for p in (tmp_path / "models").iterdir()} >= {"float.onnx", "int8.onnx", "int8.tflite", "card.json"}
+    out = json.loads(run([str(BIN / "fleet"), "model", "run", "models/int8.onnx", "--json"], cwd=tmp_path))
+    assert out["accuracy"] > 0.9
+
+
+def test_the_fleet_flow_of_the_readme(tmp_path: Path) -> None:
+    env = {**os.environ, "EDGEFLEET_HOME": str(tmp_path / "home")}
+    run([str(BIN / "fleet"), "init"], cwd=tmp_path, env=env)
+    serve = subprocess.Popen(
+        [str(BIN / "fleet"), "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert serve.stdout is not None
+        line = serve.stdout.readline()
+        assert line.startswith("broker: mqtt://127.0.0.1:"), line
+        url = line.split()[1]
+        sim = json.loads(
+            run(
+                [str(BIN / "firmware-sim"), "run", "--devices", "3", "--broker", url, "--duration", "4",
+                 "--window", "1", "--model-dir", str(tmp_path / "cache"), "--json"],
+                cwd=tmp_path,
+                env=env,
+            )
+        )  # fmt: skip
+        produced = {d["device_id"]: d["windows_produced"] for d in sim["devices"]}
+        for _ in range(100):
+            devices = json.loads(run([str(BIN / "fleet"), "devices", "list", "--json"], cwd=tmp_path, env=env))
+            if {d["device_id"]: d["windows"] for d in devices} == produced:
+                break
+            time.sleep(0.2)
+        assert {d["device_id"]: d["windows"] for d in devices} == produced
+        telemetry = json.loads(
+            run([str(BIN / "fleet"), "telemetry", "sim-0000", "--since", "10m", "--json"], cwd=tmp_path, env=env)
+        )
+        assert len(telemetry["windows"]) == produced["sim-0000"]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(20)
+    assert serve.returncode == 0
+
+
+@pytest.mark.parametrize("extra", ["agent", "tflite"])
+def test_the_agent_extra_does_not_pull_the_fleet_stack(extra: str) -> None:
+    from importlib.metadata import requires
+
+    fleet_only = {"sqlite-utils", "click", "rich", "scipy", "amqtt", "scikit-learn", "onnx", "tflite", "flatbuffers"}
+    wanted = [r for r in requires("edgefleet") or [] if f'extra == "{extra}"' in r]
+    names = {re.split(r"[<>=;\[ ]", r, maxsplit=1)[0].lower() for r in wanted}
+    assert names and not names & fleet_only, names
+
+
+def test_the_agent_package_imports_nothing_of_the_fleet() -> None:
+    """The agent installs on a Pi without the fleet: its modules may import only the stdlib and the agent extras."""
+    import ast
+
+    allowed = {"numpy", "paho", "cryptography", "tuf", "securesystemslib", "onnxruntime", "ai_edge_litert",
+               "tflite_runtime", "agent", "__future__"}  # fmt: skip
+    stdlib = set(sys.stdlib_module_names)
+    for path in (ROOT / "agent").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in allowed or top in stdlib, f"{path.name} imports {name}"
