@@ -11,7 +11,10 @@ import logging
 import os
 import platform
 import random
+import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ModelConfig], runtime.Model]
 
+#: How many recent predictions keep their id for feedback; older ids are forgotten first.
+RECENT_PREDICTIONS = 10_000
+
 #: How often the reactor folds queued inferences into the window's histograms.
 DRAIN_INTERVAL_S = 0.25
 
@@ -52,6 +58,14 @@ def read_card(path: Path | None) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"model card {path} is unreadable ({exc}); regenerate it with `fleet model example`") from None
+
+
+@dataclass(frozen=True)
+class Inference:
+    outputs: np.ndarray
+    prediction_ids: list[str]
+    model: str
+    release: str
 
 
 @dataclass
@@ -100,6 +114,8 @@ class AgentCore:
         self.started_at = 0.0
         self._window_timer: Timer | None = None
         self._drain_timer: Timer | None = None
+        self._recent: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._recent_lock = threading.Lock()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(
             config.state_dir / "outbox.sqlite",
@@ -159,13 +175,30 @@ class AgentCore:
         self.outbox.close()
 
     def _serve(self, cfg: ModelConfig) -> None:
+        self.models[cfg.name] = self._build(cfg)
+
+    def _build(self, cfg: ModelConfig) -> ServedModel:
         card = read_card(cfg.card)
         model = self._loader(cfg)
         n_features = int(model.inputs[0].shape[-1] or 0)
         edges = card.get("drift", {}).get("edges") or [[0.0, 1.0]] * n_features
         n_classes = int(model.outputs[0].shape[-1] or len(card.get("labels", [])) or 1)
         aggregator = WindowAggregator(cfg.name, cfg.release, edges, n_classes, clock=self.clock)
-        self.models[cfg.name] = ServedModel(cfg, model, aggregator)
+        return ServedModel(cfg, model, aggregator)
+
+    def activate(self, cfg: ModelConfig) -> ServedModel | None:
+        """Serve ``cfg`` in place of the model of the same name, atomically; returns the model it replaced.
+
+        Load first, swap second: callers keep getting answers from the old model until the new one is ready, and
+        a call already running on the old one finishes on it (it holds its own reference). The old model's open
+        window is sent as it stands, so no inference is lost from the telemetry or attributed to the wrong release.
+        """
+        served = self._build(cfg)
+        old = self.models.get(cfg.name)
+        self.models[cfg.name] = served  # one dict store: atomic for readers on other threads
+        if old is not None:
+            self.reactor.call_soon_threadsafe(lambda: self._send_window(old, self.health.sample()))
+        return old
 
     # -- inference (any thread) ---------------------------------------------------------------------------------
 
@@ -183,6 +216,33 @@ class AgentCore:
         served.telemetry.record(inputs, outputs, time.perf_counter() - start)
         return outputs
 
+    def infer(self, model_name: str, inputs: np.ndarray) -> Inference:
+        """predict(), plus one id per row that :meth:`feedback` can later attach a true label to."""
+        served = self.models.get(model_name)
+        outputs = self.predict(model_name, inputs)
+        assert served is not None
+        request = uuid.uuid4().hex[:16]
+        ids = [f"{request}-{i}" for i in range(len(outputs))]
+        predicted = outputs.argmax(axis=1).tolist()
+        with self._recent_lock:
+            for pid, cls in zip(ids, predicted, strict=True):
+                self._recent[pid] = (model_name, cls)
+            while len(self._recent) > RECENT_PREDICTIONS:
+                self._recent.popitem(last=False)
+        return Inference(outputs, ids, model_name, served.config.release)
+
+    def feedback(self, prediction_id: str, true_label: int) -> None:
+        """Attach the true label to an earlier prediction; it feeds the window's confusion counts.
+
+        Raises KeyError for an id this agent does not remember (unknown, already labelled, or too old).
+        """
+        with self._recent_lock:
+            model_name, predicted = self._recent.pop(prediction_id)
+        served = self.models.get(model_name)
+        if served is None:
+            raise KeyError(prediction_id)
+        served.telemetry.record_feedback(true_label, predicted)
+
     def drain_telemetry(self) -> None:
         """Histogram queued inferences here, on the reactor thread, so the callers of predict() do not pay for it."""
         for served in self.models.values():
@@ -191,23 +251,26 @@ class AgentCore:
     # -- reporting ----------------------------------------------------------------------------------------------
 
     def flush_windows(self) -> None:
-        now = self.clock()
         health = self.health.sample()
-        for served in self.models.values():
-            window = served.telemetry.flush(now)
-            message = {
-                "v": protocol.SCHEMA_VERSION,
-                "device_id": self.device_id,
-                "boot_id": self.boot_id,
-                "seq": 0,
-                "dropped": 0,
-                "health": health,
-                **window,
-            }
-            self.outbox.append(Kind.TELEMETRY, self.link.topic(Kind.TELEMETRY), message)
-            self.windows_produced += 1
+        for served in list(self.models.values()):
+            self._send_window(served, health)
         self.link.pump()
         self.write_status()
+
+    def _send_window(self, served: ServedModel, health: dict[str, Any]) -> None:
+        window = served.telemetry.flush(self.clock())
+        message = {
+            "v": protocol.SCHEMA_VERSION,
+            "device_id": self.device_id,
+            "boot_id": self.boot_id,
+            "seq": 0,
+            "dropped": 0,
+            "health": health,
+            **window,
+        }
+        self.outbox.append(Kind.TELEMETRY, self.link.topic(Kind.TELEMETRY), message)
+        self.windows_produced += 1
+        self.link.pump()
 
     def emit(self, type_: str, model: str | None = None, **detail: Any) -> int:
         """Record an event in the outbox (never dropped) and log it; safe from any thread."""

@@ -6,6 +6,7 @@ import importlib.machinery
 import json
 import logging
 import sys
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -337,3 +338,25 @@ def test_every_error_is_one_hierarchy() -> None:
     errors = [ModelNotFound, CorruptModel, UnknownFormat, UnsupportedModel, RuntimeNotInstalled, InputError]
     errors += [NonFiniteInput, InferenceFailed]
     assert all(issubclass(e, RuntimeLayerError) for e in errors)
+
+
+@pytest.mark.parametrize("name", ["int8.onnx", "int8.tflite"])
+def test_one_model_serves_several_threads_at_once_with_the_same_answers(good: Path, held_out, name: str) -> None:
+    x, _ = held_out
+    with load_model(good / name) as model:
+        expected = [model.predict(x[i : i + 1 + i % 3]) for i in range(60)]
+        failures: list[str] = []
+
+        def worker() -> None:
+            for _ in range(5):
+                for i in range(60):
+                    got = model.predict(x[i : i + 1 + i % 3])
+                    if not np.array_equal(got, expected[i]):
+                        failures.append(f"row {i}")
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures
