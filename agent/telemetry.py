@@ -207,15 +207,27 @@ class WindowAggregator:
         xs, ps, latencies = zip(*(self._pending.popleft() for _ in range(n)), strict=True)
         inputs = np.concatenate(xs)
         rows = np.ones(n, np.int64) if len(inputs) == n else np.array([len(x) for x in xs], np.int64)
-        ok = np.array([p is not None and p.shape == (len(x), self.n_classes) for x, p in zip(xs, ps, strict=True)])
         buckets = np.searchsorted(_LATENCY_EDGES, np.array(latencies) * 1000.0, side="left")  # (edge[i-1], edge[i]]
         self._latency += np.bincount(buckets, weights=rows, minlength=self._latency.size).astype(np.int64)
         self._count += len(inputs)
-        if not ok.all():
-            self._errors += int(rows[~ok].sum())
-            ps = tuple(p for p, fine in zip(ps, ok, strict=True) if fine)
-        probs = np.concatenate(ps) if ps else np.zeros((0, self.n_classes), np.float32)
+        probs = self._stack_outputs(xs, ps)
+        self._errors += len(inputs) - len(probs)
         self._absorb(inputs.astype(np.float32, copy=False), probs)
+
+    def _stack_outputs(self, xs: tuple[np.ndarray, ...], ps: tuple[np.ndarray | None, ...]) -> np.ndarray:
+        """The outputs of the calls that succeeded, stacked; a call whose output is missing or misshapen failed."""
+        if all(p is not None for p in ps):
+            try:
+                stacked = np.concatenate(ps)  # type: ignore[arg-type]
+            except ValueError:
+                stacked = None
+            rows = sum(map(len, xs))
+            if stacked is not None and stacked.shape == (rows, self.n_classes):
+                return stacked.astype(np.float32, copy=False)
+        good = [p for x, p in zip(xs, ps, strict=True) if p is not None and p.shape == (len(x), self.n_classes)]
+        if not good:
+            return np.zeros((0, self.n_classes), np.float32)
+        return np.concatenate(good).astype(np.float32, copy=False)
 
     def _absorb(self, inputs: np.ndarray, probs: np.ndarray) -> None:
         """Add a block of rows to the counts, vectorized over rows and features. Caller holds the lock."""
@@ -235,10 +247,12 @@ class WindowAggregator:
             cells = self._position_cell[np.searchsorted(self._edge_keys, keys, side="right")]
         self._cells += np.bincount(cells.ravel(), minlength=self._cells.size)
         if len(probs):
-            top = probs.max(axis=1)
-            bins = (np.nan_to_num(top, nan=0.0) * CONFIDENCE_BINS).clip(0, CONFIDENCE_BINS - 1).astype(np.int64)
-            self._confidence += np.bincount(bins, minlength=CONFIDENCE_BINS)
-            self._classes += np.bincount(probs.argmax(axis=1), minlength=self.n_classes)
+            predicted = probs.argmax(axis=1)
+            scaled = probs[np.arange(len(probs)), predicted] * CONFIDENCE_BINS  # top-1 probability, cheaper than max
+            scaled[~(scaled >= 0)] = 0  # NaN and negatives: no confidence
+            np.minimum(scaled, CONFIDENCE_BINS - 1, out=scaled)
+            self._confidence += np.bincount(scaled.astype(np.intp), minlength=CONFIDENCE_BINS)
+            self._classes += np.bincount(predicted, minlength=self.n_classes)
 
 
 def merge_windows(windows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
