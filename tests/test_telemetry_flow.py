@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from firmware_sim.simulator import SimSettings, Simulation
 
+from agent.link import TlsFiles
 from fleet.broker import MosquittoBroker
 from fleet.ingest import Ingest
 from fleet.store import Store
@@ -85,8 +86,9 @@ def test_no_window_is_lost_or_duplicated_when_the_broker_is_down_for_ten_seconds
     assert stored_inferences == report["totals"]["inferences"]
 
 
-def agent_config(tmp_path: Path, broker_url: str, model_dir: Path, device_id: str) -> Path:
+def agent_config(tmp_path: Path, broker_url: str, model_dir: Path, device_id: str, tls: TlsFiles | None = None) -> Path:
     config = tmp_path / "agent.toml"
+    tls_lines = f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"' if tls else ""
     config.write_text(
         f"""
 device_id = "{device_id}"
@@ -95,6 +97,7 @@ state_dir = "{tmp_path / "state"}"
 [mqtt]
 broker = "{broker_url}"
 keepalive = 5
+{tls_lines}
 
 [telemetry]
 window_s = 1
@@ -160,3 +163,22 @@ def test_the_agent_stops_cleanly_on_sigterm_and_says_goodbye(
     finally:
         agent.kill()
         ingest.stop()
+
+
+def test_the_agent_reports_over_mqtts_with_its_client_certificate(
+    tmp_path: Path, tls_broker: tuple[str, TlsFiles], fleet_store: Store, example_model: Callable[[str], Path]
+) -> None:
+    url, tls = tls_broker
+    ingest = Ingest(fleet_store, url, client_id="ingest-tls-test", tls=tls)
+    ingest.start()
+    assert ingest.wait_ready(10)
+    config = agent_config(tmp_path, url, example_model("good"), "tls-device", tls)
+    agent = subprocess.Popen(edge_agent("run", "--config", str(config)), stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: fleet_store.window_counts().get("tls-device", 0) >= 2, 20, "windows over TLS")
+        assert fleet_store.device("tls-device")["online"] is True
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+        ingest.stop()
+    assert agent.returncode == 0
