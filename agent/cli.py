@@ -13,11 +13,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from agent import __version__
 from agent import logs as agent_logs
 from agent.config import ConfigError, load
+
+if TYPE_CHECKING:
+    from http.client import HTTPConnection
 
 DEFAULT_CONFIG = Path(os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml"))
 
@@ -28,11 +32,20 @@ log = logging.getLogger("agent")
 def _run(args: argparse.Namespace) -> int:
     from agent.core import AgentCore
     from agent.reactor import Reactor
+    from agent.server import ApiServer
 
     config = load(args.config)
     agent_logs.setup(args.log_level or config.log_level)
     reactor = Reactor()
     core = AgentCore(config, reactor)
+    server = None
+    if config.api.enabled:
+        try:  # bound before the core starts, so a taken address fails before the agent announces itself
+            server = ApiServer(core, config.api)
+        except OSError as exc:
+            agent_logs.event(log, "api_bind_failed", logging.ERROR, listen=config.api.listen, reason=str(exc))
+            core.close()
+            return EXIT_FAILURE
 
     def on_signal(signum: int, _frame: Any) -> None:
         agent_logs.event(log, "signal_received", signal=signal.Signals(signum).name)
@@ -41,11 +54,16 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     core.start()
+    if server is not None:
+        server.start()
     agent_logs.event(log, "agent_running", device_id=config.device_id, broker=config.broker.url,
-                     state_dir=str(config.state_dir), models=sorted(core.models))  # fmt: skip
+                     state_dir=str(config.state_dir), models=sorted(core.models),
+                     api=server.address if server else None)  # fmt: skip
     try:
         reactor.run()
     finally:
+        if server is not None:  # before the core: requests in flight finish on models that are still open
+            server.stop()
         core.stop()
         reactor.close()
     agent_logs.event(log, "agent_exit", device_id=config.device_id)
@@ -86,6 +104,64 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _infer(args: argparse.Namespace) -> int:
+    """Ask the running agent over its local endpoint: a check for integrators, and the endpoint's own example."""
+    from agent.server import connect
+
+    config = load(args.config)
+    try:
+        given = json.loads(sys.stdin.read() if args.input == "-" else Path(args.input).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"edge-agent: cannot read the input ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    if not isinstance(given, dict | list) or not given:
+        print(
+            "edge-agent: the input must be an OIP infer request, a row of features or a list of rows", file=sys.stderr
+        )
+        return EXIT_USAGE
+    path = f"/v2/models/{quote(args.model, safe='')}"
+    connection = connect(config.api.listen)
+    try:
+        request = given
+        if isinstance(given, list):
+            rows = given if isinstance(given[0], list) else [given]
+            status, meta = _call(connection, "GET", path)
+            if status != 200:
+                print(f"edge-agent: {meta.get('error')}", file=sys.stderr)
+                return EXIT_FAILURE
+            tensor = {"name": meta["inputs"][0]["name"], "datatype": "FP32", "shape": [len(rows), len(rows[0])]}
+            request = {"inputs": [{**tensor, "data": rows}]}
+        status, answer = _call(connection, "POST", f"{path}/infer", request)
+    except OSError as exc:
+        print(
+            f"edge-agent: no agent answers at {config.api.listen} ({exc}): is `edge-agent run` running?",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    finally:
+        connection.close()
+    if status != 200:
+        print(f"edge-agent: {answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return EXIT_OK
+    output = answer["outputs"][0]
+    classes = output["shape"][1]
+    for i, prediction_id in enumerate(answer["parameters"]["prediction_ids"]):
+        row = output["data"][i * classes : (i + 1) * classes]
+        best = max(range(classes), key=row.__getitem__)
+        print(f"{i}  class {best}  p={row[best]:.3f}  id {prediction_id}")
+    return EXIT_OK
+
+
+def _call(connection: HTTPConnection, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read() or b"{}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-agent",
@@ -104,6 +180,18 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"agent.toml (default {DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=_status)
+
+    infer = sub.add_parser("infer", help="run inputs through a model of the running agent, over its local endpoint")
+    infer.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"agent.toml (default {DEFAULT_CONFIG})")
+    infer.add_argument("model", metavar="MODEL", help="the model's name in agent.toml")
+    infer.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE",
+        help="JSON: a row of features, a list of rows, or an OIP request; - reads stdin",
+    )
+    infer.add_argument("--json", action="store_true", help="print the endpoint's whole JSON response")
+    infer.set_defaults(func=_infer)
     return p
 
 

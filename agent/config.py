@@ -20,14 +20,34 @@ Example::
     path = "/opt/models/digits/int8.onnx"
     card = "/opt/models/digits/card.json"
     release = "digits:1.0.0"
+
+    [api]                               # the local inference endpoint (Open Inference Protocol v2)
+    enabled = true
+    listen = "127.0.0.1:8321"           # or "unix:/run/edge-agent/infer.sock"
+    max_body_mb = 4
+    timeout_s = 10                      # per read/write, and for a whole request body
+
+    [update]                            # over-the-air model releases; without this table the agent never updates
+    repo_url = "https://releases.example/fleet"     # the fleet's TUF repository (metadata/ and targets/)
+    trusted_root = "/etc/edge-agent/root.json"      # the TUF root this device was enrolled with
+    director_key = "/etc/edge-agent/director.json"  # `KeyStore.public_key_json("director")`
+    max_download_mb = 100               # a release larger than this is refused before downloading
+    download_deadline_s = 600           # per file, resumed downloads included
+    smoke_timeout_s = 60                # wall clock for the smoke test's child process
+    probation_inferences = 20           # healthy inferences that commit a release (the card may override) ...
+    probation_s = 30                    # ... or healthy seconds, whichever comes first
+    max_error_rate = 0.05               # failed share of inferences in probation that rolls a release back
+    crash_loop_limit = 3                # agent restarts during an install that roll it back, network or not
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent import protocol
 from agent.link import BrokerAddress, TlsFiles
@@ -47,6 +67,53 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The local inference endpoint (agent/server.py); loopback by default, since it has no authentication."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8321"
+    max_body_bytes: int = 4 * 2**20
+    timeout_s: float = 10.0
+
+
+#: sun_path holds 108 bytes with the NUL; the server binds a temporary name a few bytes longer, then renames it.
+_MAX_SOCKET_PATH = 96
+
+
+def parse_listen(value: str) -> tuple[str, int] | Path:
+    """``host:port`` (``[::1]:8321`` for IPv6) -> ``(host, port)``; ``unix:/path`` -> the socket's path."""
+    if value.startswith("unix:"):
+        path = Path(value.removeprefix("unix:"))
+        if not path.is_absolute():
+            raise ValueError(f"{value!r}: a Unix socket needs an absolute path, as unix:/run/edge-agent/infer.sock")
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            raise ValueError(f"{value!r}: a Unix socket path must be at most {_MAX_SOCKET_PATH} bytes")
+        return path
+    host, _, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not host or (":" in host and not bracketed) or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"{value!r} is neither host:port (as 127.0.0.1:8321) nor unix:/absolute/path")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Model updates (agent/install.py): where releases come from, whom to trust, and how a release must behave."""
+
+    repo_url: str
+    trusted_root: Path
+    director_key: Path
+    max_download_bytes: int = 100 * 2**20
+    download_deadline_s: float = 600.0
+    smoke_timeout_s: float = 60.0
+    probation_inferences: int = 20
+    probation_s: float = 30.0
+    max_error_rate: float = 0.05
+    crash_loop_limit: int = 3
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     state_dir: Path
@@ -60,6 +127,8 @@ class AgentConfig:
     outbox_max_bytes: int = 20 * 2**20
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     log_level: str = "INFO"
+    api: ApiConfig = field(default_factory=ApiConfig)
+    update: UpdateConfig | None = None
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -82,7 +151,7 @@ def _path(base: Path, value: str | None) -> Path | None:
 
 def parse(data: dict[str, Any], base: Path) -> AgentConfig:
     """Build a config from parsed TOML; relative paths are taken relative to ``base`` (the file's folder)."""
-    known = {"device_id", "state_dir", "mqtt", "telemetry", "models", "log_level"}
+    known = {"device_id", "state_dir", "mqtt", "telemetry", "models", "log_level", "api", "update"}
     if unknown := set(data) - known:
         raise ConfigError(f"unknown top-level keys {sorted(unknown)}; known keys are {sorted(known)}")
     device_id = _get(data, "device_id", str, "agent.toml")
@@ -125,6 +194,21 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
     if len({m.name for m in models}) != len(models):
         raise ConfigError("[[models]]: model names must be unique")
 
+    api = _get(data, "api", dict, "agent.toml", {})
+    if unknown := set(api) - {"enabled", "listen", "max_body_mb", "timeout_s"}:
+        raise ConfigError(f"[api]: unknown keys {sorted(unknown)}; known: enabled, listen, max_body_mb, timeout_s")
+    listen = _get(api, "listen", str, "[api]", ApiConfig.listen)
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise ConfigError(f"[api] listen: {exc}") from None
+    max_body_mb = _get(api, "max_body_mb", (int, float), "[api]", ApiConfig.max_body_bytes / 2**20)
+    if not 0 < max_body_mb <= 64:
+        raise ConfigError(f"[api] max_body_mb must be more than 0 and at most 64, got {max_body_mb}")
+    api_timeout_s = float(_get(api, "timeout_s", (int, float), "[api]", ApiConfig.timeout_s))
+    if not 0.1 <= api_timeout_s <= 300:
+        raise ConfigError(f"[api] timeout_s must be between 0.1 and 300 seconds, got {api_timeout_s}")
+
     return AgentConfig(
         device_id=device_id,
         state_dir=state_dir,
@@ -138,6 +222,61 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
         outbox_max_bytes=_get(telemetry, "outbox_max_bytes", int, "[telemetry]", 20 * 2**20),
         models=tuple(models),
         log_level=_get(data, "log_level", str, "agent.toml", "INFO"),
+        api=ApiConfig(
+            enabled=_get(api, "enabled", bool, "[api]", True),
+            listen=listen,
+            max_body_bytes=int(max_body_mb * 2**20),
+            timeout_s=api_timeout_s,
+        ),
+        update=_update(data, base),
+    )
+
+
+_UPDATE_KEYS = frozenset(
+    {"repo_url", "trusted_root", "director_key", "max_download_mb", "download_deadline_s", "smoke_timeout_s",
+     "probation_inferences", "probation_s", "max_error_rate", "crash_loop_limit"}
+)  # fmt: skip
+
+
+def _update(data: dict[str, Any], base: Path) -> UpdateConfig | None:
+    table = _get(data, "update", dict, "agent.toml", None)
+    if table is None:
+        return None
+    where = "[update]"
+    if unknown := set(table) - _UPDATE_KEYS:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(_UPDATE_KEYS))}")
+    repo_url = _get(table, "repo_url", str, where)
+    parts = urlsplit(repo_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{where} repo_url must look like https://HOST/PATH, not {repo_url!r}")
+
+    def number(key: str, default: float, low: float, high: float) -> float:
+        value = float(_get(table, key, (int, float), where, default))
+        if not low <= value <= high:
+            raise ConfigError(f"{where} {key} must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+    def count(key: str, default: int, low: int, high: int) -> int:
+        value = _get(table, key, int, where, default)
+        if not low <= value <= high:
+            raise ConfigError(f"{where} {key} must be an integer between {low} and {high}, got {value}")
+        return int(value)
+
+    trusted_root = _path(base, _get(table, "trusted_root", str, where))
+    director_key = _path(base, _get(table, "director_key", str, where))
+    assert trusted_root is not None and director_key is not None
+    defaults = UpdateConfig(repo_url, trusted_root, director_key)
+    return UpdateConfig(
+        repo_url=repo_url,
+        trusted_root=trusted_root,
+        director_key=director_key,
+        max_download_bytes=int(number("max_download_mb", defaults.max_download_bytes / 2**20, 0.001, 65536) * 2**20),
+        download_deadline_s=number("download_deadline_s", defaults.download_deadline_s, 1, 86400),
+        smoke_timeout_s=number("smoke_timeout_s", defaults.smoke_timeout_s, 1, 3600),
+        probation_inferences=count("probation_inferences", defaults.probation_inferences, 1, 10**9),
+        probation_s=number("probation_s", defaults.probation_s, 0.1, 7 * 86400),
+        max_error_rate=number("max_error_rate", defaults.max_error_rate, 0, 1),
+        crash_loop_limit=count("crash_loop_limit", defaults.crash_loop_limit, 1, 100),
     )
 
 

@@ -1,7 +1,8 @@
 """The agent core: models, telemetry windows, the outbox and the MQTT link, wired together on one reactor.
 
 The daemon (`edge-agent run`) runs one core on its own reactor; the simulator runs hundreds of cores on one
-shared reactor. Inference may be called from any thread; everything else runs on the reactor thread.
+shared reactor. Inference may be called from any thread; everything else runs on the reactor thread, except
+installs, which run on the installer's worker thread (agent/install.py) when agent.toml has an ``[update]`` table.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from agent import __version__, protocol, runtime
 from agent.config import AgentConfig, ModelConfig
 from agent.health import HealthSampler
+from agent.install import Installer
 from agent.link import Backoff, MqttLink, new_boot_id
 from agent.logs import event
 from agent.outbox import Outbox
@@ -133,11 +135,16 @@ class AgentCore:
             prefix=config.prefix,
             keepalive=config.keepalive,
             tls=config.tls,
+            on_command=self._on_command,
             backoff=Backoff(maximum=config.reconnect_max_s),
             rng=rng,
         )
-        for cfg in config.models:
-            self._serve(cfg)
+        self.installer = Installer(self, config.update) if config.update else None
+        if self.installer is not None:  # serve what the slots say, once verified (the factory model is the fallback)
+            self.models.update(self.installer.recover(self._build))
+        else:
+            for cfg in config.models:
+                self._serve(cfg)
 
     # -- lifecycle (reactor thread) -----------------------------------------------------------------------------
 
@@ -145,6 +152,8 @@ class AgentCore:
         self.started_at = self.clock()
         self.emit("agent_started", agent_version=__version__, models=self._model_summary())
         self.link.start()
+        if self.installer is not None:
+            self.installer.start()
         self._window_timer = self.reactor.call_every(self.config.window_s, self.flush_windows)
         self._drain_timer = self.reactor.call_every(DRAIN_INTERVAL_S, self.drain_telemetry)
         self.write_status()
@@ -168,6 +177,8 @@ class AgentCore:
         return not self.link.connected or self.outbox.stats()["rows"] == 0
 
     def close(self, timeout: float = 5.0) -> None:
+        if self.installer is not None:  # first: its worker still records events and loads models
+            self.installer.close(timeout)
         self.link.close(timeout)
         self.write_status(running=False)
         for served in self.models.values():
@@ -191,13 +202,15 @@ class AgentCore:
 
         Load first, swap second: callers keep getting answers from the old model until the new one is ready, and
         a call already running on the old one finishes on it (it holds its own reference). The old model's open
-        window is sent as it stands, so no inference is lost from the telemetry or attributed to the wrong release.
+        window is sent as it stands, so no inference is lost from the telemetry or attributed to the wrong release,
+        and the birth is published again, so the fleet sees the release now served.
         """
         served = self._build(cfg)
         old = self.models.get(cfg.name)
         self.models[cfg.name] = served  # one dict store: atomic for readers on other threads
         if old is not None:
             self.reactor.call_soon_threadsafe(lambda: self._send_window(old, self.health.sample()))
+        self.reactor.call_soon_threadsafe(self.announce)
         return old
 
     # -- inference (any thread) ---------------------------------------------------------------------------------
@@ -290,6 +303,18 @@ class AgentCore:
         self.reactor.call_soon_threadsafe(self.link.pump)
         return seq
 
+    def _on_command(self, kind: Kind, payload: bytes) -> None:
+        if self.installer is None:
+            event(log, "command_ignored", logging.WARNING, device_id=self.device_id, kind=kind.value,
+                  reason="updates are off: agent.toml has no [update] table")  # fmt: skip
+            return
+        self.installer.on_command(kind, payload)
+
+    def announce(self) -> None:
+        """Tell the fleet again what this device runs (retained birth, status file): its models changed."""
+        self.link.publish_birth()
+        self.write_status()
+
     def _model_summary(self) -> dict[str, Any]:
         return {
             name: {"release": s.config.release, "runtime": s.model.runtime, "file": s.config.path.name}
@@ -320,7 +345,10 @@ class AgentCore:
             "agent_version": __version__,
             "broker": self.link.broker.url,
             "connected": self.link.connected,
-            "models": self._model_summary(),
+            "models": {
+                name: {**summary, **(self.installer.model_status(name) if self.installer else {})}
+                for name, summary in self._model_summary().items()
+            },
             "windows_produced": self.windows_produced,
             "outbox": self.outbox.stats(),
         }

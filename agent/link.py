@@ -193,6 +193,12 @@ class MqttLink:
             self.reactor.run_until(lambda: self.client.socket() is None, timeout)
         self.connected = False
 
+    def publish_birth(self) -> None:
+        """Announce the device (retained): on every connect, and again when what it runs changes."""
+        if self.connected:
+            birth = protocol.encode(Kind.STATUS, self._birth())
+            self.client.publish(self.topic(Kind.STATUS), birth, qos=1, retain=True)
+
     # -- outbox -------------------------------------------------------------------------------------------------
 
     def pump(self) -> None:
@@ -223,8 +229,7 @@ class MqttLink:
         self.connects += 1
         event(log, "mqtt_connected", device_id=self.device_id, broker=self.broker.url,
               session_present=bool(flags.session_present))  # fmt: skip
-        birth = protocol.encode(Kind.STATUS, self._birth())
-        client.publish(self.topic(Kind.STATUS), birth, qos=1, retain=True)
+        self.publish_birth()
         client.subscribe([(self.topic(Kind.DESIRED), 1), (self.topic(Kind.CMD), 1)])
         self.pump()
 

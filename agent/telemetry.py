@@ -27,10 +27,12 @@ Conventions (the fleet relies on them):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,6 +74,25 @@ def _f32_above(edges: np.ndarray) -> np.ndarray:
     """The smallest float32 > each float64 edge: for float32 x, ``x > edge`` iff ``x >= result``."""
     ceil = _f32_at_or_above(edges)
     return np.where(ceil.astype(np.float64) == edges, np.nextafter(ceil, np.float32(np.inf)), ceil)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A model's counts since its aggregator was built (for the agent: since the model was activated)."""
+
+    count: int
+    errors: int
+    #: Rows per latency bucket, over ``LATENCY_EDGES_MS`` plus the overflow, as in a window.
+    latency: tuple[int, ...]
+
+    def latency_quantile_ms(self, q: float) -> float:
+        """The upper edge of the bucket holding quantile ``q`` of the rows (inf in the overflow, 0 with no rows)."""
+        total = sum(self.latency)
+        if not total:
+            return 0.0
+        rank = max(1, math.ceil(q * total))
+        bucket = int(np.searchsorted(np.cumsum(self.latency), rank, side="left"))
+        return LATENCY_EDGES_MS[bucket] if bucket < len(LATENCY_EDGES_MS) else math.inf
 
 
 class WindowAggregator:
@@ -126,6 +147,9 @@ class WindowAggregator:
 
         self._pending: deque[tuple[np.ndarray, np.ndarray | None, float]] = deque()
         self._max_pending = buffer_rows
+        self._total_count = 0
+        self._total_errors = 0
+        self._total_latency = np.zeros(len(LATENCY_EDGES_MS) + 1, np.int64)
         self._reset(clock())
 
     def _reset(self, start: float) -> None:
@@ -169,6 +193,12 @@ class WindowAggregator:
                 self._feedback = np.zeros((self.n_classes, self.n_classes), np.int64)
             self._feedback[true_label, predicted_label] += 1
 
+    def totals(self) -> Totals:
+        """Counts since construction, never reset by :meth:`flush`: what a new release's probation is judged on."""
+        with self._lock:
+            self._drain()
+            return Totals(self._total_count, self._total_errors, tuple(self._total_latency.tolist()))
+
     def flush(self, now: float | None = None) -> dict[str, Any]:
         """Close the window at ``now`` (default: the clock) and start the next one there.
 
@@ -208,10 +238,14 @@ class WindowAggregator:
         inputs = np.concatenate(xs)
         rows = np.ones(n, np.int64) if len(inputs) == n else np.array([len(x) for x in xs], np.int64)
         buckets = np.searchsorted(_LATENCY_EDGES, np.array(latencies) * 1000.0, side="left")  # (edge[i-1], edge[i]]
-        self._latency += np.bincount(buckets, weights=rows, minlength=self._latency.size).astype(np.int64)
+        latency = np.bincount(buckets, weights=rows, minlength=self._latency.size).astype(np.int64)
+        self._latency += latency
+        self._total_latency += latency
         self._count += len(inputs)
+        self._total_count += len(inputs)
         probs = self._stack_outputs(xs, ps)
         self._errors += len(inputs) - len(probs)
+        self._total_errors += len(inputs) - len(probs)
         self._absorb(inputs.astype(np.float32, copy=False), probs)
 
     def _stack_outputs(self, xs: tuple[np.ndarray, ...], ps: tuple[np.ndarray | None, ...]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The fleet manager's state in SQLite (WAL) through sqlite-utils: devices, telemetry windows, events, rejects.
+"""The fleet manager's state in SQLite (WAL) through sqlite-utils: devices, telemetry windows, events, rejects,
+the desired state signed for each device, and the audit log.
 
 Writes come in batches from the ingest, one transaction each, so the fleet keeps up with the broker. Windows and
 events are keyed by (device_id, boot_id, seq) and inserted with INSERT OR IGNORE: a message the broker redelivers
@@ -7,15 +8,21 @@ events are keyed by (device_id, boot_id, seq) and inserted with INSERT OR IGNORE
 Timestamps are stored as unix seconds (floats) and leave the query methods as ISO 8601 UTC strings, so every query
 result is ready for JSON output. A device's ``last_seen`` is when the fleet received its latest message: device
 clocks may be wrong, the fleet's is the one clock every device is compared on.
+
+The audit log is append-only (triggers refuse UPDATE and DELETE) and hash-chained: each row's hash covers its
+content and the previous row's hash, so editing, removing or reordering a row breaks :meth:`Store.verify_audit`.
+Removing rows from the end cannot be seen from inside the database: keep the head hash somewhere else to catch that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent.desired import canonical_json
 from agent.telemetry import merge_windows
 
 #: A window's histograms and health, stored as JSON text.
@@ -47,6 +55,22 @@ _DEVICE_JSON_FIELDS = ("hardware", "runtimes", "models")
 _REJECT_TEXT_MAX = 256
 #: How many of a device's latest events `device()` returns.
 LAST_EVENTS = 20
+#: Device events that end an install attempt (the device's update flow emits them; `install_state` is progress).
+INSTALL_OUTCOMES = ("install_committed", "install_failed", "rolled_back")
+#: The previous hash of the first audit row.
+AUDIT_GENESIS = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheck:
+    """The result of walking the audit chain: ``rows`` verified, ending in hash ``head`` (record it elsewhere to detect
+    rows cut off the end); ``bad_id`` and ``problem`` name the first row that does not verify."""
+
+    ok: bool
+    rows: int
+    head: str
+    bad_id: int | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +105,12 @@ def _storable(text: str) -> str:
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def audit_hash(row: Mapping[str, Any]) -> str:
+    """sha256 over an audit row's canonical JSON (id, ts, actor, action, subject, detail text, prev_hash)."""
+    fields = ("id", "ts", "actor", "action", "subject", "detail", "prev_hash")
+    return hashlib.sha256(canonical_json({f: row[f] for f in fields})).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,7 +176,43 @@ def _schema_v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_schema_v1,)
+def _schema_v2(db: sqlite_utils.Database) -> None:
+    db["audit"].create(
+        {
+            "id": int,
+            "ts": float,
+            "actor": str,
+            "action": str,
+            "subject": str,
+            "detail": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="id",
+        not_null=["ts", "actor", "action", "subject", "detail", "prev_hash", "hash"],
+    )
+    for verb in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER audit_no_{verb.lower()} BEFORE {verb} ON audit "
+            "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+        )
+    db["desired"].create(
+        {
+            "device_id": str,
+            "seq": int,
+            "issued": float,
+            "expires": float,
+            "campaign": str,
+            "models": str,
+            "created_at": float,
+            "published_at": float,
+        },
+        pk=("device_id", "seq"),
+        not_null=["issued", "expires", "models", "created_at"],
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_schema_v1, _schema_v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -330,6 +396,122 @@ class Store:
             for reason, n in counts.items()
         ]
 
+    # -- desired state and audit (written by CLI commands, one short transaction each) ------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that takes the write lock at once, so read-then-write steps (next seq, chain head) cannot
+        interleave with another process doing the same."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def add_desired(
+        self,
+        device_id: str,
+        updates: Mapping[str, Mapping[str, Any]],
+        issued: float,
+        expires: float,
+        campaign: str | None,
+        sign: Callable[[int, dict[str, Any]], bytes],
+    ) -> tuple[dict[str, Any], bytes]:
+        """Record the device's next desired state and return it with its signed payload, not yet published.
+
+        The models are the last published state's with ``updates`` applied, and seq is one above any seq ever
+        recorded for the device (published or not): a seq is never reused, so a device never sees a replay.
+        ``sign(seq, models)`` runs inside the transaction, so the recorded row and the signature always agree.
+        """
+        with self._write() as conn:
+            last = conn.execute(
+                "SELECT models FROM desired WHERE device_id = ? AND published_at IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                (device_id,),
+            ).fetchone()
+            models = {**(json.loads(last[0]) if last else {}), **updates}
+            next_seq = "SELECT coalesce(max(seq), 0) + 1 FROM desired WHERE device_id = ?"
+            seq: int = conn.execute(next_seq, (device_id,)).fetchone()[0]
+            payload = sign(seq, models)
+            conn.execute(
+                "INSERT INTO desired (device_id, seq, issued, expires, campaign, models, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device_id, seq, issued, expires, campaign, _dumps(models), time.time()),
+            )
+        record = {"device_id": device_id, "seq": seq, "issued": issued, "expires": expires, "campaign": campaign}
+        return {**record, "models": models}, payload
+
+    def mark_desired_published(self, device_id: str, seq: int, actor: str, detail: Mapping[str, Any]) -> None:
+        """The broker acknowledged the state: it is now the device's current one, and the assignment is audited."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE desired SET published_at = ? WHERE device_id = ? AND seq = ?", (time.time(), device_id, seq)
+            )
+            self._append_audit(conn, actor, "assign", device_id, {"seq": seq, **detail})
+
+    def desired(self, device_id: str) -> dict[str, Any] | None:
+        """The last desired state published for the device (what its retained topic holds), or None."""
+        rows = self._rows(
+            "SELECT * FROM desired WHERE device_id = ? AND published_at IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            (device_id,),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        row["models"] = _loads(row["models"])
+        for field in ("issued", "expires", "created_at", "published_at"):
+            row[field] = iso(row[field])
+        return row
+
+    def append_audit(self, actor: str, action: str, subject: str, detail: Mapping[str, Any]) -> dict[str, Any]:
+        """Add one row to the audit chain and return it."""
+        with self._write() as conn:
+            return self._append_audit(conn, actor, action, subject, detail)
+
+    @staticmethod
+    def _append_audit(
+        conn: sqlite3.Connection, actor: str, action: str, subject: str, detail: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        head = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        row: dict[str, Any] = {
+            "id": head[0] + 1 if head else 1,
+            "ts": time.time(),
+            "actor": actor,
+            "action": action,
+            "subject": subject,
+            "detail": canonical_json(detail).decode(),
+            "prev_hash": head[1] if head else AUDIT_GENESIS,
+        }
+        row["hash"] = audit_hash(row)
+        conn.execute(f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+        return row
+
+    def audit(self) -> list[dict[str, Any]]:
+        """The audit log, oldest first, with ISO times and parsed details."""
+        rows = self._rows("SELECT * FROM audit ORDER BY id")
+        for row in rows:
+            row["ts"] = iso(row["ts"])
+            row["detail"] = _loads(row["detail"])
+        return rows
+
+    def verify_audit(self) -> AuditCheck:
+        """Walk the chain from the first row: ids count up from 1, each row links to the previous hash, and each
+        hash matches the row's content."""
+        prev, n = AUDIT_GENESIS, 0
+        for row in self._rows("SELECT * FROM audit ORDER BY id"):
+            n += 1
+            if row["id"] != n:
+                return AuditCheck(False, n - 1, prev, row["id"], f"expected row {n}: rows are missing")
+            if row["prev_hash"] != prev:
+                return AuditCheck(False, n - 1, prev, row["id"], "does not link to the row before it")
+            if audit_hash(row) != row["hash"]:
+                return AuditCheck(False, n - 1, prev, row["id"], "its content does not match its hash")
+            prev = row["hash"]
+        return AuditCheck(True, n, prev)
+
     # -- reads --------------------------------------------------------------------------------------------------
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -343,6 +525,8 @@ class Store:
             row[field] = iso(row[field])
         for field in _DEVICE_JSON_FIELDS:
             row[field] = _loads(row[field])
+        models = row["models"] if isinstance(row["models"], dict) else {}
+        row["releases"] = {name: m.get("release") if isinstance(m, dict) else None for name, m in models.items()}
         return row
 
     def devices(self) -> list[dict[str, Any]]:
@@ -368,7 +552,30 @@ class Store:
             "SELECT * FROM events WHERE device_id = ? ORDER BY ts DESC, seq DESC LIMIT ?", (device_id, LAST_EVENTS)
         )
         view["last_events"] = [self._event_view(e) for e in events]
+        view["last_install"] = self.last_install(device_id)
         return view
+
+    def last_install(self, device_id: str) -> dict[str, Any] | None:
+        """The device's latest install outcome (committed, failed, rolled back) with its release and reason, and
+        the seq of the desired state it answered (``desired_seq``), to compare with the last one published."""
+        marks = ", ".join("?" * len(INSTALL_OUTCOMES))
+        rows = self._rows(
+            f"SELECT type, model, ts, detail FROM events WHERE device_id = ? AND type IN ({marks}) "
+            "ORDER BY ts DESC, seq DESC LIMIT 1",
+            (device_id, *INSTALL_OUTCOMES),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        detail = _loads(row["detail"]) or {}
+        return {
+            "type": row["type"],
+            "model": row["model"],
+            "release": detail.get("release"),
+            "reason": detail.get("reason"),
+            "desired_seq": detail.get("seq"),
+            "ts": iso(row["ts"]),
+        }
 
     @staticmethod
     def _event_view(row: dict[str, Any]) -> dict[str, Any]:

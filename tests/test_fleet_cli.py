@@ -122,7 +122,8 @@ def test_init_creates_an_owner_only_home_with_a_database_and_is_idempotent(tmp_p
     assert first.exit_code == 0
     made = json.loads(first.stdout)
     assert made["home"] == str(home)
-    assert set(made["created"]) == {str(home), str(home / "broker"), str(home / "fleet.db")}
+    made_paths = {home, home / "broker", home / "fleet.db", home / "keys", home / "repo"}
+    assert set(made["created"]) == {str(p) for p in made_paths}
     assert (home / "fleet.db").stat().st_mode & 0o777 == 0o600
     assert home.stat().st_mode & 0o777 == 0o700
     assert (home / "broker").stat().st_mode & 0o777 == 0o700
@@ -219,9 +220,10 @@ def test_devices_list_json_has_each_devices_state_windows_agent_and_models(home:
     devices = json.loads(result.stdout)
     assert [d["device_id"] for d in devices] == ["pi-1", "pi-2"]
     pi1, pi2 = devices
-    assert set(pi1) == {"device_id", "online", "last_seen", "windows", "agent_version", "models"}
+    assert set(pi1) == {"device_id", "online", "last_seen", "windows", "agent_version", "models", "releases"}
     assert (pi1["online"], pi1["windows"], pi1["agent_version"]) == (True, 3, "0.3.1")
     assert pi1["models"] == {"digits": {"release": "digits:3"}}
+    assert pi1["releases"] == {"digits": "digits:3"}
     assert (pi2["online"], pi2["windows"]) == (False, 0)
     assert abs(time.time() - datetime.fromisoformat(pi1["last_seen"]).timestamp()) < 60
 
@@ -242,9 +244,16 @@ def test_devices_show_gives_the_birth_fields_counts_and_latest_events(home: Path
     assert device["runtimes"] == ["onnxruntime", "litert"]
     assert (device["boot_id"], device["windows"], device["events"]) == (BOOT, 3, 1)
     assert [e["type"] for e in device["last_events"]] == ["install_committed"]
+    last_install = device["last_install"]
+    assert (last_install["type"], last_install["release"], last_install["reason"]) == (
+        "install_committed",
+        "digits:3",
+        None,
+    )
 
     offline = json.loads(fleet("devices", "show", "pi-2", "--home", str(home), "--json").stdout)
     assert (offline["online"], offline["offline_reason"]) == (False, "connection_lost")
+    assert (offline["last_install"], offline["desired"]) == (None, None)
     assert "install_committed" in fleet("devices", "show", "pi-1", "--home", str(home)).stdout
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from agent import __version__, logs
-from fleet.cli import devices, model, serve
+from fleet.cli import assign, audit, devices, enroll, model, release, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +22,11 @@ def _attach() -> None:
     main.add_command(devices.devices)
     main.add_command(devices.telemetry)
     main.add_command(devices.status)
+    main.add_command(release.release)
+    main.add_command(assign.assign_command)
+    main.add_command(assign.desired)
+    main.add_command(enroll.enroll)
+    main.add_command(audit.audit)
 
 
 _attach()

@@ -19,10 +19,31 @@ from rich.console import Console
 from rich.table import Table
 
 from agent import protocol
+from agent.desired import parse_target_path
 from fleet.cli.serve import NotFound, echo_json, home_option, json_option, open_store
 
 _RELATIVE_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def span_seconds(text: str) -> float | None:
+    """Seconds in a span like 30s, 10m, 2h, 1d, 1w; None if the text is not one."""
+    match = _RELATIVE_RE.fullmatch(text.strip())
+    return float(match[1]) * _UNIT_S[match[2]] if match else None
+
+
+class Duration(click.ParamType):
+    """A span of time: 30s, 10m, 2h, 1d, 1w."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        seconds = span_seconds(str(value))
+        if not seconds:
+            self.fail(f"{value!r} is not a span like 30m, 12h, 7d", param, ctx)
+        return seconds
 
 
 class TimeSpec(click.ParamType):
@@ -34,14 +55,20 @@ class TimeSpec(click.ParamType):
         if isinstance(value, float):
             return value
         text = str(value).strip()
-        relative = _RELATIVE_RE.fullmatch(text)
-        if relative:
-            return time.time() - float(relative[1]) * _UNIT_S[relative[2]]
+        age = span_seconds(text)
+        if age is not None:
+            return time.time() - age
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
             self.fail(f"{text!r} is neither ISO 8601 nor an age like 10m, 2h, 1d", param, ctx)
         return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def release_of(entry: dict[str, Any]) -> str:
+    """A desired-state model entry as the "name:version" devices report."""
+    name, version, _ = parse_target_path(entry["target"])
+    return f"{name}:{version}"
 
 
 def latency_quantile(buckets: Sequence[int], q: float) -> float | None:
@@ -85,15 +112,16 @@ def devices() -> None:
 def list_devices(home: Path | None, as_json: bool) -> None:
     """List every device.
 
-    Shows its online state, when it was last heard from, how many windows are stored, agent version and models.
+    Shows its online state, when it was last heard from, how many windows are stored, agent version and the release
+    each model runs (as its last birth message said).
     """
     with contextlib.closing(open_store(home)) as store:
         rows = store.devices()
     if as_json:
-        keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models")
+        keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models", "releases")
         echo_json([{k: row[k] for k in keys} for row in rows])
         return
-    table = Table("device", "online", "last seen (UTC)", "windows", "agent", "models")
+    table = Table("device", "online", "last seen (UTC)", "windows", "agent", "releases")
     for row in rows:
         table.add_row(
             row["device_id"],
@@ -101,7 +129,7 @@ def list_devices(home: Path | None, as_json: bool) -> None:
             row["last_seen"],
             str(row["windows"]),
             row["agent_version"] or "-",
-            ", ".join(sorted(row["models"] or {})) or "-",
+            ", ".join(release or f"{name} (no release)" for name, release in sorted(row["releases"].items())) or "-",
         )
     Console().print(table)
 
@@ -113,12 +141,21 @@ def list_devices(home: Path | None, as_json: bool) -> None:
 def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
     """Show one device in detail.
 
-    Birth fields (hardware, runtimes, models), window and event counts, latest events. Exit code 3 if unknown.
+    Birth fields (hardware, runtimes, models with the release each runs), window and event counts, the last install
+    outcome the device reported, the last desired state the fleet published for it, and the latest events. Exit code
+    3 if unknown.
     """
     with contextlib.closing(open_store(home)) as store:
         info = store.device(device_id)
+        desired = store.desired(device_id)
     if info is None:
         raise NotFound(f"unknown device {device_id!r}")
+    info["desired"] = desired and {
+        "seq": desired["seq"],
+        "campaign": desired["campaign"],
+        "expires": desired["expires"],
+        "releases": {name: release_of(entry) for name, entry in desired["models"].items()},
+    }
     if as_json:
         echo_json(info)
         return
@@ -137,6 +174,8 @@ def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
         "hardware",
         "runtimes",
         "models",
+        "last_install",
+        "desired",
     ):
         fields.add_row(key, _text(info[key]))
     console.print(fields)

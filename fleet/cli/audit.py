@@ -1,0 +1,47 @@
+"""`fleet audit`: the hash-chained log of what changed releases and desired state, and who did it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fleet.cli.serve import echo_json, home_option, json_option, open_store
+
+
+@click.command()
+@click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 and name the first bad row if it breaks.")
+@home_option
+@json_option
+def audit(verify: bool, home: Path | None, as_json: bool) -> None:
+    """List the audit log (publish, revoke, assign, enroll), oldest first.
+
+    With --verify, also walk the hash chain: each row's hash covers its content and the row before, so an edited,
+    removed or reordered row is found. Keep the printed head hash elsewhere to also catch rows cut off the end.
+    """
+    with contextlib.closing(open_store(home)) as store:
+        rows = store.audit()
+        check = store.verify_audit() if verify else None
+    if as_json:
+        if check is None:
+            echo_json(rows)
+        else:
+            verdict = {"ok": check.ok, "rows": check.rows, "head": check.head, "bad_id": check.bad_id}
+            echo_json({"entries": rows, "verify": {**verdict, "problem": check.problem}})
+    else:
+        table = Table("#", "ts (UTC)", "actor", "action", "subject", "detail")
+        for row in rows:
+            detail = json.dumps(row["detail"], separators=(",", ":"), sort_keys=True)
+            table.add_row(str(row["id"]), row["ts"], row["actor"], row["action"], row["subject"], detail)
+        Console().print(table)
+        if check is not None and check.ok:
+            click.echo(f"chain verified: {check.rows} rows, head {check.head}")
+    if check is not None and not check.ok:
+        raise click.ClickException(
+            f"audit chain broken at row {check.bad_id}: {check.problem}; the {check.rows} rows before it verify. "
+            "Restore the database from a backup and compare"
+        )

@@ -1,0 +1,166 @@
+"""A real fleet for device-side tests: a signed TUF repository served over HTTP on loopback, the director's signing
+of desired states, their delivery as retained messages on a real broker, and a tap on what a device reports."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from securesystemslib.signer import Signer
+
+from agent.link import BrokerAddress
+from agent.protocol import DEFAULT_PREFIX, Kind, topic
+from fleet.director import sign_desired
+from fleet.repo_server import RepoServer
+from fleet.repository import ReleaseInfo, Repository
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until ``condition()`` is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def new_device_id(prefix: str = "dev") -> str:
+    """Unique per test: retained desired states on the shared broker never leak into another test."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Fleet:
+    """One fleet's repository and director key, served on loopback."""
+
+    repo: Repository
+    server: RepoServer
+
+    @classmethod
+    def create(cls, home: Path) -> Fleet:
+        Repository.init(home)
+        repo = Repository(home)
+        return cls(repo, RepoServer(repo.dir).start())
+
+    @property
+    def director(self) -> Signer:
+        return self.repo.keys.signer("director")
+
+    def publish(self, model_file: Path, version: str, card: Mapping[str, Any], **options: Any) -> ReleaseInfo:
+        return self.repo.publish(model_file, "digits", version, card, **options)
+
+    def stored_file(self, release: ReleaseInfo) -> Path:
+        """Where the repository keeps a release's bytes (what its server sends)."""
+        name = release.target.rsplit("/", 1)[-1]
+        return self.repo.targets_dir / "models" / release.name / release.version / f"{release.sha256}.{name}"
+
+    def desired(
+        self,
+        device_id: str,
+        seq: int,
+        *releases: ReleaseInfo,
+        issued: float | None = None,
+        expires: float | None = None,
+        signer: Signer | None = None,
+    ) -> bytes:
+        issued = time.time() if issued is None else issued
+        expires = issued + 3600 if expires is None else expires
+        models = {r.name: r.desired_entry() for r in releases}
+        return sign_desired(signer or self.director, device_id, seq, models, "campaign-1", issued, expires)
+
+    def enroll(self, folder: Path) -> tuple[Path, Path]:
+        """What a device is provisioned with: the TUF root and the director's public key, as files."""
+        folder.mkdir(parents=True, exist_ok=True)
+        root, director = folder / "root.json", folder / "director.json"
+        root.write_bytes(self.repo.trusted_root())
+        director.write_bytes(self.repo.keys.public_key_json("director"))
+        return root, director
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _client(broker_url: str, client_id: str) -> mqtt.Client:
+    address = BrokerAddress.parse(broker_url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client.connect(address.host, address.port, keepalive=30)
+    return client
+
+
+def deliver(broker_url: str, device_id: str, payload: bytes) -> None:
+    """Publish a desired state as the fleet does: retained, QoS 1, on the device's desired topic."""
+    client = _client(broker_url, f"director-{uuid.uuid4().hex[:8]}")
+    client.loop_start()
+    try:
+        info = client.publish(topic(DEFAULT_PREFIX, device_id, Kind.DESIRED), payload, qos=1, retain=True)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def retained_birth(broker_url: str, device_id: str) -> dict[str, Any]:
+    """The device's retained online status, as a fleet subscribing now receives it."""
+    got: list[dict[str, Any]] = []
+    client = _client(broker_url, f"reader-{uuid.uuid4().hex[:8]}")
+    client.on_message = lambda _c, _u, message: got.append(json.loads(message.payload))
+    client.subscribe(topic(DEFAULT_PREFIX, device_id, Kind.STATUS), qos=1)
+    client.loop_start()
+    try:
+        return wait_for(lambda: next((m for m in got if m.get("state") == "online"), None), 10, "the retained birth")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+class EventTap:
+    """Every event a device publishes, decoded, in arrival order: what the fleet's ingest would see."""
+
+    def __init__(self, broker_url: str, device_id: str) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._seen: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._client = _client(broker_url, f"tap-{uuid.uuid4().hex[:8]}")
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.subscribe(topic(DEFAULT_PREFIX, device_id, Kind.EVENTS), qos=1)
+        self._client.loop_start()
+        assert self._subscribed.wait(10), "the event tap could not subscribe"
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        decoded = json.loads(message.payload)
+        key = (decoded["boot_id"], decoded["seq"])
+        with self._lock:
+            if key not in self._seen:  # a resend after a cut: the fleet drops it the same way
+                self._seen.add(key)
+                self.events.append(decoded)
+
+    def of(self, *types: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e["type"] in types]
+
+    def states(self) -> list[str]:
+        """The install states the device went through, in order."""
+        return [e["detail"]["state"] for e in self.of("install_state")]
+
+    def wait_for(self, type_: str, timeout: float = 30.0, **detail: Any) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            matching = [e for e in self.of(type_) if all(e["detail"].get(k) == v for k, v in detail.items())]
+            return matching[0] if matching else None
+
+        return wait_for(found, timeout, f"event {type_} {detail or ''}")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
