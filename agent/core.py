@@ -217,23 +217,12 @@ class AgentCore:
 
     def predict(self, model_name: str, inputs: np.ndarray) -> np.ndarray:
         """Run a batch through a served model; the call is measured and aggregated, the inputs never leave."""
-        served = self.models.get(model_name)
-        if served is None:
-            raise UnknownModel(f"no model named {model_name!r}; served: {sorted(self.models)}")
-        start = time.perf_counter()
-        try:
-            outputs = served.model.predict(inputs)
-        except runtime.RuntimeLayerError:
-            served.telemetry.record(inputs, None, time.perf_counter() - start, error=True)
-            raise
-        served.telemetry.record(inputs, outputs, time.perf_counter() - start)
-        return outputs
+        return self._run(self._served(model_name), inputs)
 
     def infer(self, model_name: str, inputs: np.ndarray) -> Inference:
         """predict(), plus one id per row that :meth:`feedback` can later attach a true label to."""
-        served = self.models.get(model_name)
-        outputs = self.predict(model_name, inputs)
-        assert served is not None
+        served = self._served(model_name)  # one lookup: the release reported is the one that answered
+        outputs = self._run(served, inputs)
         request = uuid.uuid4().hex[:16]
         ids = [f"{request}-{i}" for i in range(len(outputs))]
         predicted = outputs.argmax(axis=1).tolist()
@@ -244,17 +233,39 @@ class AgentCore:
                 self._recent.popitem(last=False)
         return Inference(outputs, ids, model_name, served.config.release)
 
-    def feedback(self, prediction_id: str, true_label: int) -> None:
+    def feedback(self, prediction_id: str, true_label: int, model_name: str | None = None) -> None:
         """Attach the true label to an earlier prediction; it feeds the window's confusion counts.
 
-        Raises KeyError for an id this agent does not remember (unknown, already labelled, or too old).
+        Raises KeyError for an id this agent does not remember (unknown, already labelled, too old, or of another
+        model than ``model_name``) and ValueError for a label outside the model's classes; either way the id is
+        kept, so a corrected call can still use it.
         """
         with self._recent_lock:
-            model_name, predicted = self._recent.pop(prediction_id)
+            name, predicted = self._recent[prediction_id]
+            if model_name is not None and name != model_name:
+                raise KeyError(prediction_id)
+            served = self._served(name)
+            if not 0 <= true_label < served.telemetry.n_classes:
+                raise ValueError(f"label {true_label} is outside 0..{served.telemetry.n_classes - 1}")
+            del self._recent[prediction_id]
+        served.telemetry.record_feedback(true_label, predicted)
+
+    def _served(self, model_name: str) -> ServedModel:
         served = self.models.get(model_name)
         if served is None:
-            raise KeyError(prediction_id)
-        served.telemetry.record_feedback(true_label, predicted)
+            raise UnknownModel(f"no model named {model_name!r}; served: {sorted(self.models)}")
+        return served
+
+    @staticmethod
+    def _run(served: ServedModel, inputs: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            outputs = served.model.predict(inputs)
+        except runtime.RuntimeLayerError:
+            served.telemetry.record(inputs, None, time.perf_counter() - start, error=True)
+            raise
+        served.telemetry.record(inputs, outputs, time.perf_counter() - start)
+        return outputs
 
     def drain_telemetry(self) -> None:
         """Histogram queued inferences here, on the reactor thread, so the callers of predict() do not pay for it."""

@@ -572,11 +572,13 @@ def _feedback(core: AgentCore, served: ServedModel, body: Any) -> None:
     prediction_id, label = request.get("prediction_id"), request.get("label")
     if not isinstance(prediction_id, str):
         raise ApiError(400, "'prediction_id' must be a string from an infer response's parameters.prediction_ids")
-    classes = served.model.outputs[0].shape[1] or 0
+    classes = served.telemetry.n_classes
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < classes:
         raise ApiError(400, f"'label' must be an integer class in [0, {classes})")
     try:
-        core.feedback(prediction_id, label)
+        core.feedback(prediction_id, label, model_name=served.config.name)
+    except ValueError as exc:
+        raise ApiError(400, f"'label': {exc}") from None
     except KeyError:
         raise ApiError(
             404, f"unknown prediction id {_brief(prediction_id)}: never issued, already labelled or too old"

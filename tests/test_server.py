@@ -506,3 +506,18 @@ def test_edge_agent_run_exits_1_when_its_api_address_is_taken(
     assert run.returncode == 1
     assert "api_bind_failed" in run.stderr
     assert "agent_started" not in run.stderr, "a taken address fails before the agent announces itself"
+
+
+def test_a_wrong_label_or_model_keeps_the_prediction_id_for_a_corrected_call(
+    core: AgentCore, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = digits
+    pid = core.infer("digits", x[:1]).prediction_ids[0]
+    with pytest.raises(ValueError):
+        core.feedback(pid, 10)
+    with pytest.raises(KeyError):
+        core.feedback(pid, 1, model_name="other")
+    core.feedback(pid, 1, model_name="digits")
+    with pytest.raises(KeyError):
+        core.feedback(pid, 1)
+    assert np.asarray(core.models["digits"].telemetry.flush()["feedback"]).sum() == 1
