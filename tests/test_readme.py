@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.server import connect as server_connect
+from fleet.broker import free_port, wait_for_port
+from fleet.modelgen import digits_split
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -40,6 +44,12 @@ COVERED = {
     "firmware-sim run --devices 20 --broker mqtt://127.0.0.1:PORT --duration 30 --window 5": "fleet flow",
     "fleet devices list --json": "test_the_fleet_flow_of_the_readme",
     "fleet telemetry sim-0000 --since 10m --json": "test_the_fleet_flow_of_the_readme",
+    "fleet model example --out better --variant better": "test_the_fleet_flow_of_the_readme",
+    "fleet release publish better/int8.onnx --name digits --version 1.1.0": "test_the_fleet_flow_of_the_readme",
+    "fleet enroll pi-01 --out pi-01 --model-dir models --state-dir state": "test_the_fleet_flow_of_the_readme",
+    "edge-agent run --config pi-01/agent.toml": "test_the_fleet_flow_of_the_readme",
+    "fleet assign pi-01 --release digits:1.1.0": "test_the_fleet_flow_of_the_readme",
+    "fleet devices show pi-01 --json": "test_the_fleet_flow_of_the_readme",
 }
 
 
@@ -48,6 +58,7 @@ def test_every_readme_command_is_covered_by_a_test() -> None:
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """Run a command as a user would; fail the test with its stderr if it does not exit 0."""
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{cmd} exited {done.returncode}: {done.stderr[-2000:]}"
     return done.stdout
@@ -95,6 +106,42 @@ def test_the_fleet_flow_of_the_readme(tmp_path: Path) -> None:
             run([str(BIN / "fleet"), "telemetry", "sim-0000", "--since", "10m", "--json"], cwd=tmp_path, env=env)
         )
         assert len(telemetry["windows"]) == produced["sim-0000"]
+
+        # A signed release, installed by a real agent enrolled from the fleet.
+        fleet = str(BIN / "fleet")
+        run([fleet, "model", "example", "--out", "models"], cwd=tmp_path, env=env)
+        run([fleet, "model", "example", "--out", "better", "--variant", "better"], cwd=tmp_path, env=env)
+        run([fleet, "release", "publish", "better/int8.onnx", "--name", "digits", "--version", "1.1.0"], tmp_path, env)
+        run(
+            [fleet, "enroll", "pi-01", "--out", "pi-01", "--model-dir", "models", "--state-dir", "state"], tmp_path, env
+        )
+        api = f"127.0.0.1:{free_port()}"  # the default port may be taken on a shared machine
+        with (tmp_path / "pi-01" / "agent.toml").open("a") as toml:
+            toml.write(f'\n[api]\nlisten = "{api}"\n')
+        agent = subprocess.Popen(
+            [str(BIN / "edge-agent"), "run", "--config", "pi-01/agent.toml"], cwd=tmp_path, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port("127.0.0.1", int(api.rsplit(":", 1)[1]), timeout=30)
+            run([fleet, "assign", "pi-01", "--release", "digits:1.1.0"], tmp_path, env)
+            x = digits_split(0)[1]
+            for i in range(200):  # an application's traffic: probation commits after enough healthy answers
+                conn = server_connect(api)
+                body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[i].tolist()}]}
+                conn.request("POST", "/v2/models/digits/infer", json.dumps(body), {"Content-Type": "application/json"})
+                assert conn.getresponse().status == 200
+                conn.close()
+                shown = json.loads(run([fleet, "devices", "show", "pi-01", "--json"], tmp_path, env))
+                if (shown.get("last_install") or {}).get("type") == "install_committed":
+                    break
+                time.sleep(0.1)
+            assert shown["last_install"]["type"] == "install_committed"
+            assert shown["last_install"]["release"] == "digits:1.1.0"
+            assert shown["models"]["digits"]["release"] == "digits:1.1.0"
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(20)
+        assert agent.returncode == 0
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(20)
