@@ -25,6 +25,7 @@ import numpy as np
 
 from agent import __version__, protocol, runtime
 from agent.config import AgentConfig, ModelConfig
+from agent.files import write_atomic
 from agent.health import HealthSampler
 from agent.install import Installer
 from agent.link import Backoff, MqttLink, new_boot_id
@@ -79,20 +80,6 @@ class ServedModel:
 
 def hardware() -> dict[str, Any]:
     return {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count() or 1}
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never half of either.
-
-    ``durable=False`` skips the fsync for files that are only informational and rewritten often.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class AgentCore:

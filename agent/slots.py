@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ModelConfig
+from agent.files import fsync_path
 from agent.logs import event
 from agent.updater import RUNTIME_BY_SUFFIX, SUFFIX_BY_RUNTIME
 
@@ -176,14 +177,6 @@ class ModelSlots:
         }
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SlotStore:
     """The slot files and the state database of one agent. Thread-safe."""
 
@@ -287,7 +280,7 @@ class SlotStore:
             os.replace(temp, record.card)
         if downloaded != record.path:
             os.replace(downloaded, record.path)
-        _fsync_dir(record.path.parent)
+        fsync_path(record.path.parent)
         return record
 
     def collect_garbage(self, name: str, slots: ModelSlots) -> None:

@@ -46,6 +46,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import __version__
 from agent.desired import DesiredModel, parse_target_path, strict_json
+from agent.files import fsync_path
 from agent.logs import event
 
 log = logging.getLogger(__name__)
@@ -335,14 +336,6 @@ def _refresh_failed(exc: Exception) -> TrustError:
     return TrustError("tuf_refresh_failed", f"{type(exc).__name__}: {exc}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ReleaseFetcher:
     """The device's TUF client: refresh, check a director entry against TUF, download the verified file.
 
@@ -469,9 +462,9 @@ class ReleaseFetcher:
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
             updater.download_target(target.targetinfo, str(temp))
-            _fsync(temp)
+            fsync_path(temp)
             os.replace(temp, final)
-            _fsync(dest_dir)
+            fsync_path(dest_dir)
         except DownloadDeadlineError as exc:
             raise self._failed("download_deadline", exc, target) from exc
         except DownloadLengthMismatchError as exc:

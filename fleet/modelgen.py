@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
+from agent.files import write_atomic
 from agent.logs import event
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def build_example(
             "libraries": {lib: dist_version(lib) for lib in ("scikit-learn", "numpy", "onnx", "onnxruntime", "tflite")},
         },
     }
-    _write_atomic(out_dir / "card.json", json.dumps(card, indent=1).encode() + b"\n")
+    write_atomic(out_dir / "card.json", json.dumps(card, indent=1).encode() + b"\n")
     event(
         log,
         "example_model_built",
@@ -229,8 +229,8 @@ def _export(out_dir: Path, clf: Any, calibration: np.ndarray, *, broken: bool) -
     int8_model = _quantize(float_model, calibration)
     if broken:
         float_model, int8_model = _out_of_range_gather(float_model), _out_of_range_gather(int8_model)
-    _write_atomic(out_dir / "float.onnx", float_model.SerializeToString())
-    _write_atomic(out_dir / "int8.onnx", int8_model.SerializeToString())
+    write_atomic(out_dir / "float.onnx", float_model.SerializeToString())
+    write_atomic(out_dir / "int8.onnx", int8_model.SerializeToString())
     tflite_bytes = int8_mlp(
         clf.coefs_,
         clf.intercepts_,
@@ -238,7 +238,7 @@ def _export(out_dir: Path, clf: Any, calibration: np.ndarray, *, broken: bool) -
         fail_at_inference=broken,
         description=f"edgefleet {NAME} int8 MLP",
     )
-    _write_atomic(out_dir / "int8.tflite", tflite_bytes)
+    write_atomic(out_dir / "int8.tflite", tflite_bytes)
 
 
 def _onnx_mlp(weights: list[np.ndarray], biases: list[np.ndarray]) -> Any:
@@ -402,12 +402,3 @@ def feature_histogram(values: np.ndarray, edges: list[float] | np.ndarray) -> np
     idx[values == edges[-1]] = len(edges) - 1  # the last bin is closed
     idx[np.isnan(values)] = len(edges) + 1
     return np.bincount(idx, minlength=len(edges) + 2)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -53,6 +53,7 @@ from tuf.api.metadata import (
 )
 
 from agent.desired import canonical_json, parse_target_path, safe_component, strict_json, target_path
+from agent.files import PUBLIC_FILE_MODE, fsync_path, stage, write_atomic
 from agent.logs import event
 from agent.updater import RUNTIME_BY_SUFFIX
 from fleet.keys import KeyStore
@@ -65,7 +66,6 @@ ALL_MACHINES = ("x86_64", "aarch64", "armv7l")
 _COPY_CHUNK = 1024 * 1024
 _ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 #: Repository files are public (everything in them is signed); any static server may read them.
-_PUBLIC_FILE_MODE = 0o644
 #: Card sections a device needs to install and watch a release (see fleet.modelgen for their content).
 CARD_SECTIONS = ("input", "output", "drift", "smoke_test", "provenance")
 
@@ -141,39 +141,6 @@ def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC).replace(microsecond=0)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a hidden temporary file, fsync, rename: readers see the old file or the new one, never half of one."""
-    temp = _stage(path, data)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _stage(path: Path, data: bytes) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, _PUBLIC_FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name)
-
-
 def _release_info(target: TargetFile) -> ReleaseInfo:
     custom = target.custom
     return ReleaseInfo(
@@ -246,13 +213,13 @@ class Repository:
             keystore.generate("root", root_keys)
             root_md = cls._initial_metadata(staging / "repo", keystore, root_threshold, expiry, _utc(clock()))
             config = {"expiry": expiry.to_dict(), "max_target_bytes": max_target_bytes}
-            _write_atomic(staging / "repo" / "config.json", json.dumps(config, indent=1).encode())
+            write_atomic(staging / "repo" / "config.json", json.dumps(config, indent=1).encode())
             for path in (repo_dir, keys_dir):
                 if path.exists():
                     shutil.rmtree(path)
             os.rename(staging / "keys", keys_dir)
             os.rename(staging / "repo", repo_dir)
-            _fsync_dir(home)
+            fsync_path(home)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         root = root_md.signed
@@ -312,7 +279,7 @@ class Repository:
             ("1.snapshot.json", snapshot_bytes),
             ("timestamp.json", timestamp_md.to_bytes()),
         ):
-            _write_atomic(metadata_dir / name, data)
+            write_atomic(metadata_dir / name, data)
         return root_md
 
     # ----------------------------------------------------------------------------------------------------------
@@ -481,14 +448,14 @@ class Repository:
                 versions["snapshot"] = state.snapshot.signed.version
             data = self._resign(state, state.timestamp, signed_at + self.expiry.timestamp)
             versions["timestamp"] = state.timestamp.signed.version
-            staged = _stage(self.metadata_dir / "timestamp.json", data)
+            staged = stage(self.metadata_dir / "timestamp.json", data)
             new_files.append(staged)
             os.replace(staged, self.metadata_dir / "timestamp.json")  # the commit point
         except BaseException:
             for path in new_files:
                 path.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.metadata_dir)
+        fsync_path(self.metadata_dir)
         return versions
 
     def _resign(self, state: _Metadata, md: Metadata[Any], expires: datetime) -> bytes:
@@ -503,7 +470,7 @@ class Repository:
         """Write a versioned file. Its version is above the committed one, so no client has seen that name: a file
         already there can only be left over from a change that crashed before its commit, and is replaced."""
         path = self.metadata_dir / name
-        _write_atomic(path, data)
+        write_atomic(path, data)
         return path
 
     def _check_model_file(self, model_file: Path) -> tuple[str, int]:
@@ -534,7 +501,7 @@ class Repository:
         fd, temp_name = tempfile.mkstemp(prefix=".publish.", dir=folder)
         temp = Path(temp_name)
         try:
-            os.fchmod(fd, _PUBLIC_FILE_MODE)
+            os.fchmod(fd, PUBLIC_FILE_MODE)
             copied = 0
             with os.fdopen(fd, "wb") as out, open(model_file, "rb") as src:
                 while chunk := src.read(_COPY_CHUNK):

@@ -12,9 +12,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import shutil
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import click
 
 from agent import protocol
 from agent.desired import load_director_key, safe_component, strict_json
+from agent.files import PUBLIC_FILE_MODE, write_atomic
 from agent.link import BrokerAddress
 from fleet.cli.serve import (
     actor,
@@ -37,7 +36,6 @@ from fleet.cli.serve import (
 )
 from fleet.repository import Repository
 
-_PUBLIC_FILE_MODE = 0o644
 _DIR_MODE = 0o755
 DEFAULT_STATE_DIR = "/var/lib/edge-agent"
 
@@ -79,19 +77,6 @@ def _toml(comment: str, config: dict[str, Any]) -> str:
     return text
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write through a temporary file and a rename, so a failed enroll never leaves a half-written file."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, _PUBLIC_FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _factory_model(repo: Repository, model_dir: Path, model_file: str, out_dir: Path) -> dict[str, str]:
     """Copy the model and its card into the bundle; its [[models]] entry names the published release it is."""
     if not safe_component(model_file):
@@ -124,9 +109,9 @@ def _factory_model(repo: Repository, model_dir: Path, model_file: str, out_dir: 
         raise click.ClickException(f"cannot name the factory model from {model_dir}: its card needs a model name")
     folder = out_dir / "models" / name
     folder.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-    _write(folder / model_file, data)
+    write_atomic(folder / model_file, data)
     shutil.copyfile(model_dir / "card.json", folder / "card.json")
-    (folder / "card.json").chmod(_PUBLIC_FILE_MODE)
+    (folder / "card.json").chmod(PUBLIC_FILE_MODE)
     return {
         "name": name,
         "path": f"models/{name}/{model_file}",
@@ -228,9 +213,9 @@ def enroll(
         comment = (
             f"edge-agent configuration for {device_id}, written by `fleet enroll`.\nPaths are relative to this file."
         )
-        _write(out_dir / "root.json", root)
-        _write(out_dir / "director.pub.json", director)
-        _write(out_dir / "agent.toml", _toml(comment, config).encode())
+        write_atomic(out_dir / "root.json", root)
+        write_atomic(out_dir / "director.pub.json", director)
+        write_atomic(out_dir / "agent.toml", _toml(comment, config).encode())
         summary = {
             "device_id": device_id,
             "out": str(out_dir),

@@ -24,6 +24,7 @@ import click
 from tuf.api.metadata import Metadata, Root
 
 from agent import logs, protocol
+from agent.files import write_atomic
 from agent.link import BrokerAddress, TlsFiles
 from agent.logs import event
 from fleet.broker import embedded_broker
@@ -234,11 +235,7 @@ def running_serve(home: Path | None) -> dict[str, Any] | None:
 def _serve_record(home: Path, info: dict[str, Any]) -> Iterator[None]:
     """Write serve.json (owner-only, atomically) for as long as the block runs."""
     path = _serve_file(home)
-    temp = path.with_name(f".serve.{os.getpid()}.json")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(info, indent=1).encode(), mode=0o600, durable=False)
     try:
         yield
     finally:
