@@ -98,6 +98,7 @@ class AgentCore:
         self.device_id = config.device_id
         self.boot_id = new_boot_id()
         self._loader = loader
+        self._rng = rng or random.Random()
         self.models: dict[str, ServedModel] = {}
         self.windows_produced = 0
         self.started_at = 0.0
@@ -124,7 +125,7 @@ class AgentCore:
             tls=config.tls,
             on_command=self._on_command,
             backoff=Backoff(maximum=config.reconnect_max_s),
-            rng=rng,
+            rng=self._rng,
         )
         self.installer = Installer(self, config.update) if config.update else None
         if self.installer is not None:  # serve what the slots say, once verified (the factory model is the fallback)
@@ -141,7 +142,10 @@ class AgentCore:
         self.link.start()
         if self.installer is not None:
             self.installer.start()
-        self._window_timer = self.reactor.call_every(self.config.window_s, self.flush_windows)
+        # The first window is shortened at random: devices started together (a power cut, a simulator) do not all
+        # report in the same instant, which would make the fleet's load spiky.
+        first = self.config.window_s * self._rng.uniform(0.5, 1.0)
+        self._window_timer = self.reactor.call_every(self.config.window_s, self.flush_windows, first_delay=first)
         self._drain_timer = self.reactor.call_every(DRAIN_INTERVAL_S, self.drain_telemetry)
         self.write_status()
 
