@@ -167,6 +167,8 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
         raise ConfigError(f"[mqtt] broker: {exc}") from None
     tls_paths = {k: _path(base, _get(mqtt, k, str, "[mqtt]", None)) for k in ("ca", "cert", "key")}
     tls = TlsFiles(**tls_paths) if any(tls_paths.values()) else None
+    if tls and not broker.tls:
+        raise ConfigError("[mqtt]: ca, cert and key are for TLS; use an mqtts:// broker URL")
     if tls and bool(tls.cert) != bool(tls.key):
         raise ConfigError("[mqtt]: set both cert and key for mutual TLS, or neither")
 

@@ -62,11 +62,20 @@ class BrokerAddress:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """CA to trust and, for mutual TLS, the device's certificate (CN = device id) and key."""
+    """CA to trust and, for mutual TLS, the client's certificate (a device's CN = its device id) and key."""
 
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+
+    def apply(self, client: mqtt.Client) -> None:
+        """Make ``client`` speak TLS 1.2+ and verify the broker (against ``ca``, else the system's CAs)."""
+        client.tls_set(
+            ca_certs=str(self.ca) if self.ca else None,
+            certfile=str(self.cert) if self.cert else None,
+            keyfile=str(self.key) if self.key else None,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
 
 
 @dataclass(frozen=True)
@@ -130,14 +139,8 @@ class MqttLink:
         client.max_queued_messages_set(0)
         will = protocol.encode(Kind.STATUS, protocol.offline_status(device_id, boot_id, "connection_lost"))
         client.will_set(self.topic(Kind.STATUS), will, qos=1, retain=True)
-        if broker.tls or tls:
-            tls = tls or TlsFiles()
-            client.tls_set(
-                ca_certs=str(tls.ca) if tls.ca else None,
-                certfile=str(tls.cert) if tls.cert else None,
-                keyfile=str(tls.key) if tls.key else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        if broker.tls:
+            (tls or TlsFiles()).apply(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

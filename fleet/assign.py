@@ -52,12 +52,7 @@ class DesiredPublisher:
             protocol=mqtt.MQTTv311,
         )
         if self.address.tls:
-            tls = tls or TlsFiles()
-            client.tls_set(
-                ca_certs=str(tls.ca) if tls.ca else None,
-                certfile=str(tls.cert) if tls.cert else None,
-                keyfile=str(tls.key) if tls.key else None,
-            )
+            (tls or TlsFiles()).apply(client)
         client.on_connect = self._on_connect
         self._client = client
 

@@ -103,12 +103,7 @@ class Ingest:
             manual_ack=True,
         )
         if self.address.tls:
-            tls = tls or TlsFiles()
-            client.tls_set(
-                ca_certs=str(tls.ca) if tls.ca else None,
-                certfile=str(tls.cert) if tls.cert else None,
-                keyfile=str(tls.key) if tls.key else None,
-            )
+            (tls or TlsFiles()).apply(client)
         client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

@@ -52,6 +52,7 @@ def test_a_complete_config_loads_with_paths_relative_to_the_file(tmp_path: Path)
         (("window_s = 5", 'window_s = "5"'), "window_s"),
         (('state_dir = "state"', ""), "state_dir"),
         (('device_id = "pi-01"', 'device_id = "pi-01"\nunknown = 1'), "unknown"),
+        (('broker = "mqtts://broker.example:8883"', 'broker = "mqtt://broker.example:1883"'), "mqtts"),
     ],
 )
 def test_a_broken_config_is_refused_naming_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
