@@ -132,7 +132,7 @@ class AgentCore:
             self.models.update(self.installer.recover(self._build))
         else:
             for cfg in config.models:
-                self._serve(cfg)
+                self.models[cfg.name] = self._build(cfg)
 
     # -- lifecycle (reactor thread) -----------------------------------------------------------------------------
 
@@ -175,9 +175,6 @@ class AgentCore:
         for served in self.models.values():
             served.model.close()
         self.outbox.close()
-
-    def _serve(self, cfg: ModelConfig) -> None:
-        self.models[cfg.name] = self._build(cfg)
 
     def _build(self, cfg: ModelConfig) -> ServedModel:
         card = read_card(cfg.card)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from firmware_sim.sensors import DigitsSensor, held_out_digits
 
 from agent import runtime
 from agent.config import AgentConfig, ModelConfig
@@ -26,6 +25,7 @@ from agent.link import BrokerAddress
 from agent.logs import event
 from agent.protocol import DEFAULT_PREFIX, Kind
 from agent.reactor import Reactor, Timer
+from firmware_sim.sensors import DigitsSensor, held_out_digits
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from firmware_sim.simulator import SimSettings, Simulation
 
 from agent.link import TlsFiles
+from firmware_sim.simulator import SimSettings, Simulation
 from fleet.broker import MosquittoBroker
 from fleet.ingest import Ingest
 from fleet.store import Store
