@@ -98,6 +98,14 @@ def _status(args: argparse.Namespace) -> int:
             print(f"broker   {status['broker']}  ({'connected' if status.get('connected') else 'disconnected'})")
         for name, m in status.get("models", {}).items():
             print(f"model    {name}  {m.get('release') or '-'}  [{m.get('runtime')}] {m.get('file')}")
+            for slot, record in (m.get("slots") or {}).items():
+                if record:
+                    print(f"  {slot:9s}{record['release']}  sha256 {record['sha256']}")
+            if install := m.get("install"):
+                why = f"  ({install['reason']})" if install.get("reason") else ""
+                print(f"  install  {install['state']}  {install.get('release') or ''}{why}")
+                if outcome := install.get("last_outcome"):
+                    print(f"  last     {outcome.get('outcome')}  {outcome.get('release') or ''}")
         if "outbox" in status:
             o = status["outbox"]
             print(f"outbox   {o.get('rows')} queued, {o.get('dropped_total')} dropped in all")
