@@ -3,16 +3,20 @@ of desired states, their delivery as retained messages on a real broker, and a t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from securesystemslib.signer import Signer
 
@@ -164,3 +168,18 @@ class EventTap:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path) -> Iterator[Path]:
+    """A real full disk: a 64 KiB tmpfs mounted at ``path`` (root only; the test is skipped, saying why, otherwise)."""
+    path.mkdir(parents=True)
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a 64 KiB tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fleet_fixtures import EventTap, Fleet, deliver, new_device_id, retained_birth, wait_for
+from fleet_fixtures import EventTap, Fleet, deliver, new_device_id, retained_birth, tiny_tmpfs, wait_for
 from securesystemslib.signer import CryptoSigner
 
 from agent.config import AgentConfig, ModelConfig, UpdateConfig
@@ -335,20 +335,6 @@ def test_a_release_larger_than_the_device_allows_is_never_downloaded(
     d = device(max_download_bytes=releases["better"].length - 1)
     d.deliver(fleet.desired(d.config.device_id, 1, releases["better"]))
     assert "bytes >" in assert_failed(d, "too_large", example_model("good"))["detail"]["detail"]
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a 64 KiB tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:200]}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_full_disk_during_the_download_fails_the_install_cleanly(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from fleet_fixtures import tiny_tmpfs
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Key, Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
@@ -328,20 +329,6 @@ def test_a_slow_drip_fails_at_the_deadline(fleet: Fleet, tmp_path: Path) -> None
     assert reason_of(lambda: fetcher.download(target, tmp_path / "models")) == "download_deadline"
     assert time.monotonic() - started < 3
     assert not (tmp_path / "models" / "digits-1.0.0.onnx").exists()
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path) -> Iterator[Path]:
-    path.mkdir()
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a 64 KiB tmpfs needs root; the RLIMIT_FSIZE test covers a full disk without it")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:200]}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def publish_big(fleet: Fleet, size: int = 400_000) -> ReleaseInfo:

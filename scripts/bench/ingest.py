@@ -30,7 +30,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import re
 import shutil
 import statistics
@@ -46,6 +45,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
+import benchinfo
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -528,21 +528,10 @@ def components(messages: list[Message], workdir: Path, n: int = 2000) -> dict[st
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     import sqlite3
 
-    mosquitto = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1]
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "paho_mqtt": mqtt.__version__ if hasattr(mqtt, "__version__") else "?",
-        "sqlite": sqlite3.sqlite_version,
-        "mosquitto": mosquitto[0] if mosquitto else "?",
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-    }
+    paho = mqtt.__version__ if hasattr(mqtt, "__version__") else "?"
+    return {**benchinfo.machine(), "paho_mqtt": paho, "sqlite": sqlite3.sqlite_version}
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:

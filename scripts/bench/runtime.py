@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import benchinfo
 import numpy as np
 
 TARGET_RATIO = 1.10
@@ -178,21 +178,13 @@ def memory(models: Path) -> list[dict[str, Any]]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import ai_edge_litert
     import onnxruntime
 
     from agent import __version__
 
     return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
+        **benchinfo.machine(),
         "numpy": np.__version__,
         "onnxruntime": onnxruntime.__version__,
         "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import sqlite3
 import statistics
@@ -31,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import benchinfo
 
 #: Steady-phase CPU is measured from this long after the last device came online to shortly before the run ends.
 SETTLE_S = 5.0
@@ -150,26 +151,13 @@ def lag_stats(db: Path, arrivals: dict[tuple[str, str, int], float]) -> dict[str
     return out
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    mosquitto = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1]
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "mosquitto": mosquitto[0] if mosquitto else "?",
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
     from fleet.broker import MosquittoBroker
     from fleet.ingest import Ingest
     from fleet.store import Store
 
-    result: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "json"}}
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    result: dict[str, Any] = {"machine": benchinfo.machine(), "settings": settings}
     # Per device: a socket, the outbox database with its WAL and shm; the broker needs one socket per device.
     soft, hard = raise_fd_limit(max(4096, 8 * args.devices + 256))
     result["machine"]["nofile"] = [soft, hard]
