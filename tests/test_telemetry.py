@@ -298,3 +298,27 @@ def test_encoded_window_of_a_64_feature_digits_model_fits_in_2_kib() -> None:
     payload = protocol.encode(Kind.TELEMETRY, message)
     assert protocol.decode(Kind.TELEMETRY, payload) == message
     assert len(payload) <= 2048, len(payload)
+
+
+def test_the_hot_path_for_checked_calls_counts_exactly_what_record_counts() -> None:
+    rng = np.random.default_rng(5)
+    edges = random_edges(rng, 9)
+    inputs = random_inputs(rng, edges, 700)
+    inputs[np.isnan(inputs)] = 0.0  # calls the runtime layer completed have finite inputs
+    probs = random_probs(rng, 700, 6)
+    checked, served = (WindowAggregator("m", "m:1", edges, 6, clock=FakeClock()) for _ in range(2))
+    start = 0
+    for size in [1, 5, 64, 1, 300, 29, 300]:
+        checked.record(inputs[start : start + size], probs[start : start + size], 0.004)
+        served.record_served(inputs[start : start + size], probs[start : start + size], 0.004)
+        start += size
+    assert served.flush() == checked.flush()
+
+
+def test_queued_inputs_stay_bounded_in_bytes_whatever_the_batch_size() -> None:
+    agg = WindowAggregator("m", "", [[0.0, 1.0]] * 64, 3)
+    big = np.zeros((512, 64), np.float32)  # 128 KiB a call
+    for _ in range(40):
+        agg.record_served(big, np.zeros((512, 3), np.float32), 0.001)
+        assert sum(len(blob) for blob, _, _ in agg._pending) <= 16 * big.nbytes  # peeks: the queue is private
+    assert agg.flush()["count"] == 40 * 512

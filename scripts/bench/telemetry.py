@@ -12,15 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from agent import protocol
 from agent.config import AgentConfig, ModelConfig
@@ -30,11 +28,11 @@ from agent.reactor import Reactor
 from fleet.modelgen import build_example, digits_split
 
 
-def per_call_us(fn, x: np.ndarray, calls: int) -> tuple[float, float]:
-    """(wall µs, process CPU µs) per call."""
+def per_call_us(fn: Callable[..., object], args: tuple[object, ...], calls: int) -> tuple[float, float]:
+    """(wall µs, process CPU µs) per call of ``fn(*args)``, as an application would make it."""
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
-        fn(x)
+        fn(*args)
     return (time.perf_counter() - wall) / calls * 1e6, (time.process_time() - cpu) / calls * 1e6
 
 
@@ -63,16 +61,16 @@ def main() -> int:
             core = AgentCore(config, reactor)
             reactor.call_every(DRAIN_INTERVAL_S, core.drain_telemetry)
             reactor.start_thread()
-            bare = core.models["digits"].model.predict
-            served = functools.partial(core.predict, "digits")
             for batch in (1, 32):
                 x = x_test[:batch]
-                for fn in (bare, served):  # warm up both paths
-                    per_call_us(fn, x, 200)
+                bare = (core.models["digits"].model.predict, (x,))
+                served = (core.predict, ("digits", x))
+                for fn, fn_args in (bare, served):  # warm up both paths
+                    per_call_us(fn, fn_args, 200)
                 on, off = [], []
                 for _ in range(args.rounds):
-                    off.append(per_call_us(bare, x, args.calls))
-                    on.append(per_call_us(served, x, args.calls))
+                    off.append(per_call_us(*bare, args.calls))
+                    on.append(per_call_us(*served, args.calls))
                 wall_off, wall_on = (statistics.median(r[0] for r in runs) for runs in (off, on))
                 cpu_off, cpu_on = (statistics.median(r[1] for r in runs) for runs in (off, on))
                 results[f"{model_file} batch {batch}"] = {
