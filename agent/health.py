@@ -37,7 +37,7 @@ class HealthSampler:
         self._last = (time.monotonic(), _process_cpu_seconds())
 
     def sample(self) -> dict[str, Any]:
-        """A dict with the keys of ``protocol.HEALTH_FIELDS``; unreadable values are omitted."""
+        """A dict with the fields of ``protocol.Health``; unreadable values are omitted."""
         health: dict[str, Any] = {}
         cpu = self._cpu_percent()
         if cpu is not None:

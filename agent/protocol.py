@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from itertools import chain
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgefleet/v1"
@@ -26,7 +26,6 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 
 DEVICE_ID_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
-_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
 
 #: Fixed latency buckets (upper edges, milliseconds). Counts merge exactly because every device uses these.
 #: Bucket i counts latencies in (edge[i-1], edge[i]]; one extra overflow bucket follows the last edge.
@@ -97,199 +96,184 @@ def parse_topic(prefix: str, name: str) -> tuple[str, Kind]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Field specifications: a tiny declarative schema, so each message's shape is written once and read at a glance.
+# The schemas, as msgspec Structs: msgspec parses and checks a payload in one pass in C, so a window costs a few µs.
+# Every constraint lives in the type (``Meta`` bounds, patterns, lengths) or in ``__post_init__`` (cross-field rules),
+# and both the decoder and :func:`validate` run the same ones.
+
+Count = Annotated[int, Meta(ge=0, lt=2**53)]
+#: Unix seconds. A JSON integer is accepted and becomes a float.
+Timestamp = Annotated[float, Meta(ge=0, lt=2**34)]
+# msgspec matches patterns with re.search, so they are anchored; \Z, unlike $, refuses a trailing newline.
+DeviceId = Annotated[str, Meta(pattern=rf"\A{DEVICE_ID_PATTERN}\Z")]
+BootId = Annotated[str, Meta(pattern=r"\A[0-9a-f]{32}\Z")]
+Name = Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_.:+-]{1,128}\Z")]
+SchemaVersion = Annotated[int, Meta(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)]
+
+StatusState = Literal["online", "offline"]
+STATUS_STATES: tuple[str, ...] = get_args(StatusState)
 
 
-@dataclass(frozen=True)
-class Field:
-    check: Callable[[Any], bool]
-    expected: str
-    required: bool = True
+class _Schema(msgspec.Struct, forbid_unknown_fields=True):
+    """Unknown fields are refused, so a typo never passes silently. Optional fields default to UNSET, which keeps
+    them absent (not null) in the decoded dict; subclasses are ``kw_only`` so fields keep the wire's order."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class Health(_Schema, kw_only=True):
+    """Device health; a reading the device cannot take is left out."""
+
+    cpu_percent: Annotated[float, Meta(ge=0, le=100_000)] | UnsetType = UNSET
+    rss_bytes: Count | UnsetType = UNSET
+    disk_free_bytes: Count | UnsetType = UNSET
+    temperature_c: Annotated[float, Meta(ge=-100, le=200)] | UnsetType | None = UNSET
+    load1: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
 
 
-def _count(v: Any) -> bool:
-    return _is_int(v) and 0 <= v < 2**53
+class Window(_Schema, kw_only=True):
+    """One model's telemetry window."""
+
+    v: SchemaVersion
+    device_id: DeviceId
+    boot_id: BootId
+    seq: Count
+    model: Name
+    #: 'name:version', or empty before a release is installed.
+    release: Annotated[str, Meta(max_length=128)]
+    window_start: Timestamp
+    window_end: Timestamp
+    count: Count
+    errors: Count
+    dropped: Count
+    latency: Annotated[list[Count], Meta(min_length=len(LATENCY_EDGES_MS) + 1, max_length=len(LATENCY_EDGES_MS) + 1)]
+    confidence: Annotated[list[Count], Meta(min_length=CONFIDENCE_BINS, max_length=CONFIDENCE_BINS)]
+    classes: Annotated[list[Count], Meta(max_length=1024)]
+    features: Annotated[list[Annotated[list[Count], Meta(max_length=256 + FEATURE_EXTRA_BINS)]], Meta(max_length=4096)]
+    #: Confusion counts, true label x predicted label.
+    feedback: Annotated[list[Annotated[list[Count], Meta(max_length=1024)]], Meta(max_length=1024)] | UnsetType = UNSET
+    health: Health
+
+    def __post_init__(self) -> None:
+        if self.window_end < self.window_start:
+            raise ValueError("window_end before window_start")
+        if self.errors > self.count:
+            raise ValueError("errors exceed count")
+        _check_rows("features", self.features)
+        if self.feedback is not UNSET:
+            _check_rows("feedback", self.feedback)
 
 
-def _number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+class Event(_Schema, kw_only=True):
+    """A state change on the device (start, stop, install steps and outcomes); ``detail`` depends on the type."""
+
+    v: SchemaVersion
+    device_id: DeviceId
+    boot_id: BootId
+    seq: Count
+    ts: Timestamp
+    type: Name
+    model: Name | UnsetType = UNSET
+    detail: dict[str, Any]
 
 
-def _timestamp(v: Any) -> bool:
-    return _number(v) and 0 <= v < 2**34
+class Status(_Schema, kw_only=True):
+    """A birth (online), or a last will or goodbye (offline, with a reason)."""
+
+    v: SchemaVersion
+    device_id: DeviceId
+    state: StatusState
+    boot_id: BootId
+    ts: Timestamp | UnsetType = UNSET
+    reason: Annotated[str, Meta(max_length=64)] | UnsetType = UNSET
+    agent_version: Annotated[str, Meta(max_length=64)] | UnsetType = UNSET
+    hardware: dict[str, Any] | UnsetType = UNSET
+    runtimes: list[Name] | UnsetType = UNSET
+    #: Keyed by model name.
+    models: dict[str, Any] | UnsetType = UNSET
 
 
-def _text(max_len: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and len(v) <= max_len and _utf8(v)
+def _check_rows(name: str, rows: list[list[int]]) -> None:
+    """Rows of one width: a type cannot relate its elements to each other."""
+    if len(set(map(len, rows))) > 1:
+        raise ValueError(f"{name}: rows of unequal width")
 
 
-def _utf8(v: str) -> bool:
-    """JSON escapes can smuggle in lone surrogates, which no UTF-8 store (SQLite, a terminal) accepts."""
-    try:
-        v.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+SCHEMAS: Mapping[Kind, type[_Schema]] = {Kind.STATUS: Status, Kind.TELEMETRY: Window, Kind.EVENTS: Event}
+_DECODERS = {kind: msgspec.json.Decoder(schema) for kind, schema in SCHEMAS.items()}
 
 
-def _name(v: Any) -> bool:
-    return isinstance(v, str) and bool(_NAME_RE.fullmatch(v))
+def _shape(schema: type[_Schema]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A schema's optional fields (left out of the dict when absent) and its fields that are schemas themselves."""
+    fields = msgspec.structs.fields(schema)
+    optional = tuple(f.name for f in fields if f.default is UNSET)
+    nested = tuple(f.name for f in fields if isinstance(f.type, type) and issubclass(f.type, _Schema))
+    return optional, nested
 
 
-_INT_ONLY = frozenset({int})
-_LIST_ONLY = frozenset({list})
+_SHAPES = {schema: _shape(schema) for schema in (Health, *SCHEMAS.values())}
 
 
-def _counts(min_len: int, max_len: int) -> Callable[[Any], bool]:
-    """A list of counts, checked at C speed (set of element types, min, max): windows carry hundreds of them."""
-
-    def check(v: Any) -> bool:
-        return (
-            type(v) is list
-            and min_len <= len(v) <= max_len
-            and (not v or (set(map(type, v)) <= _INT_ONLY and min(v) >= 0 and max(v) < 2**53))
-        )
-
-    return check
-
-
-def _matrix(max_rows: int, max_cols: int) -> Callable[[Any], bool]:
-    """Rows of counts, all of one width."""
-
-    def check(v: Any) -> bool:
-        if type(v) is not list or len(v) > max_rows:
-            return False
-        if not v:
-            return True
-        if not set(map(type, v)) <= _LIST_ONLY or len(set(map(len, v))) != 1 or len(v[0]) > max_cols:
-            return False
-        flat = list(chain.from_iterable(v))
-        return not flat or (set(map(type, flat)) <= _INT_ONLY and min(flat) >= 0 and max(flat) < 2**53)
-
-    return check
+def _as_dict(message: _Schema) -> dict[str, Any]:
+    """A decoded message as builtins. Its lists and dicts are builtins already, so this is shallow: 0.4 µs for a
+    window, where msgspec.to_builtins takes 3 µs copying every list."""
+    optional, nested = _SHAPES[type(message)]
+    out = msgspec.structs.asdict(message)
+    for name in optional:
+        if out[name] is UNSET:
+            del out[name]
+    for name in nested:
+        out[name] = _as_dict(out[name])
+    return out
 
 
-def _obj(v: Any) -> bool:
-    return isinstance(v, dict)
+def _check_envelope(message: Any) -> None:
+    """The reasons that come before the schema's own: a newer device's message is ``schema_version`` whatever else
+    is wrong with it."""
+    if not isinstance(message, dict):
+        raise ProtocolError("not_object")
+    version = message.get("v")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise ProtocolError("schema_version", repr(version))
 
 
-def _opt(f: Field) -> Field:
-    return Field(f.check, f.expected, required=False)
+_ERROR_AT = re.compile(r"(.*) - at (`key` in )?`\$\.?([^`]*)`", re.DOTALL)
+_FIELD_ERROR = re.compile(r"Object (missing required|contains unknown) field `(.*)`", re.DOTALL)
 
 
-_DEVICE_ID = Field(lambda v: isinstance(v, str) and valid_device_id(v), "device id [A-Za-z0-9_.-]{1,64}")
-_BOOT_ID = Field(lambda v: isinstance(v, str) and bool(re.fullmatch(r"[0-9a-f]{32}", v)), "32 hex chars")
-_SEQ = Field(_count, "integer >= 0")
-_TS = Field(_timestamp, "unix time in seconds")
-_COUNT = Field(_count, "integer >= 0")
-
-HEALTH_FIELDS: Mapping[str, Field] = {
-    "cpu_percent": _opt(Field(lambda v: _number(v) and 0 <= v <= 100_000, "number 0..100000")),
-    "rss_bytes": _opt(_COUNT),
-    "disk_free_bytes": _opt(_COUNT),
-    "temperature_c": _opt(Field(lambda v: v is None or (_number(v) and -100 <= v <= 200), "number or null")),
-    "load1": _opt(Field(lambda v: _number(v) and v >= 0, "number >= 0")),
-}
-
-TELEMETRY_FIELDS: Mapping[str, Field] = {
-    "v": Field(lambda v: _is_int(v) and v == SCHEMA_VERSION, f"schema version {SCHEMA_VERSION}"),
-    "device_id": _DEVICE_ID,
-    "boot_id": _BOOT_ID,
-    "seq": _SEQ,
-    "model": Field(_name, "model name"),
-    "release": Field(_text(128), "release 'name:version' or empty"),
-    "window_start": _TS,
-    "window_end": _TS,
-    "count": _COUNT,
-    "errors": _COUNT,
-    "dropped": _COUNT,
-    "latency": Field(_counts(len(LATENCY_EDGES_MS) + 1, len(LATENCY_EDGES_MS) + 1), "latency bucket counts"),
-    "confidence": Field(_counts(CONFIDENCE_BINS, CONFIDENCE_BINS), "confidence bin counts"),
-    "classes": Field(_counts(0, 1024), "predicted-class counts"),
-    "features": Field(_matrix(4096, 256 + FEATURE_EXTRA_BINS), "feature histogram rows of equal width"),
-    "feedback": _opt(Field(_matrix(1024, 1024), "confusion matrix rows (true x predicted)")),
-    "health": Field(_obj, "object"),
-}
-
-EVENT_FIELDS: Mapping[str, Field] = {
-    "v": TELEMETRY_FIELDS["v"],
-    "device_id": _DEVICE_ID,
-    "boot_id": _BOOT_ID,
-    "seq": _SEQ,
-    "ts": _TS,
-    "type": Field(_name, "event type"),
-    "model": _opt(Field(_name, "model name")),
-    "detail": Field(_obj, "object"),
-}
-
-STATUS_STATES = ("online", "offline")
-
-STATUS_FIELDS: Mapping[str, Field] = {
-    "v": TELEMETRY_FIELDS["v"],
-    "device_id": _DEVICE_ID,
-    "state": Field(lambda v: v in STATUS_STATES, " or ".join(STATUS_STATES)),
-    "boot_id": _BOOT_ID,
-    "ts": _opt(_TS),
-    "reason": _opt(Field(_text(64), "short text")),
-    "agent_version": _opt(Field(_text(64), "version text")),
-    "hardware": _opt(Field(_obj, "object")),
-    "runtimes": _opt(Field(lambda v: isinstance(v, list) and all(_name(x) for x in v), "list of names")),
-    "models": _opt(Field(_obj, "object keyed by model name")),
-}
-
-SCHEMAS: Mapping[Kind, Mapping[str, Field]] = {
-    Kind.STATUS: STATUS_FIELDS,
-    Kind.TELEMETRY: TELEMETRY_FIELDS,
-    Kind.EVENTS: EVENT_FIELDS,
-}
+def _schema_error(exc: msgspec.ValidationError) -> ProtocolError:
+    """Map msgspec's message ("Expected `int` >= 0 - at `$.health.rss_bytes`") to a reason and a detail that names
+    the field path and what was expected."""
+    what, path = str(exc), ""
+    at = _ERROR_AT.fullmatch(what)
+    if at:
+        what, path = at[1], at[3] + (" (a key)" if at[2] else "")
+    field = _FIELD_ERROR.fullmatch(what)
+    if field:
+        reason = "missing_field" if field[1] == "missing required" else "unknown_field"
+        return ProtocolError(reason, f"{path}.{field[2]}" if path else field[2])
+    return ProtocolError("bad_field", f"{path}: {what}" if path else what)
 
 
 def validate(kind: Kind, message: Any) -> dict[str, Any]:
-    """Check a decoded message against its schema; unknown fields are rejected so typos never pass silently."""
+    """Check a message already in Python form against its schema; returns it unchanged."""
     schema = SCHEMAS.get(kind)
     if schema is None:
         raise ProtocolError("no_schema", kind.value)
-    if not isinstance(message, dict):
-        raise ProtocolError("not_object")
-    if not _is_int(message.get("v")) or message["v"] != SCHEMA_VERSION:
-        raise ProtocolError("schema_version", repr(message.get("v")))
-    for key in message:
-        if key not in schema:
-            raise ProtocolError("unknown_field", key)
-    for key, spec in schema.items():
-        if key not in message:
-            if spec.required:
-                raise ProtocolError("missing_field", key)
-            continue
-        if not spec.check(message[key]):
-            raise ProtocolError("bad_field", f"{key}: expected {spec.expected}")
-    if kind is Kind.TELEMETRY:
-        _check_window(message)
+    _check_envelope(message)
+    try:
+        msgspec.convert(message, schema)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc) from None
     return message
-
-
-def _check_window(message: dict[str, Any]) -> None:
-    if message["window_end"] < message["window_start"]:
-        raise ProtocolError("bad_field", "window_end before window_start")
-    if message["errors"] > message["count"]:
-        raise ProtocolError("bad_field", "errors exceed count")
-    health = message["health"]
-    for key, value in health.items():
-        spec = HEALTH_FIELDS.get(key)
-        if spec is None:
-            raise ProtocolError("unknown_field", f"health.{key}")
-        if not spec.check(value):
-            raise ProtocolError("bad_field", f"health.{key}: expected {spec.expected}")
 
 
 def encode(kind: Kind, message: dict[str, Any]) -> bytes:
     """Serialize a message. Telemetry is zlib-compressed: its histograms are mostly zeros and shrink tenfold."""
     validate(kind, message)
-    raw = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        raw = json.dumps(message, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # before ValueError, its base class
+        raise ProtocolError("bad_field", "lone UTF-16 surrogate in a string") from None
+    except ValueError as exc:  # NaN or infinity inside a free-form object
+        raise ProtocolError("bad_field", str(exc)) from None
     data = zlib.compress(raw, 9) if kind is Kind.TELEMETRY else raw
     if len(data) > MAX_PAYLOAD_BYTES or len(raw) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("oversized", f"{len(raw)} bytes")
@@ -318,19 +302,49 @@ def _reject_constant(token: str) -> Any:
 
 
 def decode(kind: Kind, payload: bytes) -> dict[str, Any]:
-    """Parse and validate one payload from the wire. Size is checked before anything is parsed."""
+    """Parse and validate one payload from the wire. Size is checked before anything is parsed.
+
+    msgspec refuses lone UTF-16 surrogates, NaN and Infinity tokens, numbers a float cannot hold and nesting past the
+    recursion limit while it parses, so a message that passes holds nothing SQLite or a JSON encoder would choke on.
+    """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("oversized", f"{len(payload)} bytes")
     if not payload:
         raise ProtocolError("empty")
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ProtocolError("no_schema", kind.value)
     raw = _inflate(payload) if payload[0] == _ZLIB_MAGIC else payload
     try:
+        message = decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise _refusal(raw, exc) from None
+    return _as_dict(message)
+
+
+def _refusal(raw: bytes, exc: Exception) -> ProtocolError:
+    """Why msgspec refused a payload, with the reasons in their order of precedence. Only failures come here, so
+    the payload is read again with the standard library: msgspec stops at the first fault, wherever it is."""
+    try:
         message = json.loads(raw, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("not_json", str(exc)[:120]) from None
-    if _SURROGATE_ESCAPE.search(raw) and not _utf8(json.dumps(message, ensure_ascii=False)):
-        raise ProtocolError("not_json", "lone UTF-16 surrogate in a string")
-    return validate(kind, message)
+    except ProtocolError as error:
+        return error
+    except (ValueError, RecursionError) as error:  # ValueError: JSON, UTF-8, and the int digit limit
+        return ProtocolError("not_json", str(error)[:120])
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(message, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return ProtocolError("not_json", "lone UTF-16 surrogate in a string")
+        except RecursionError:
+            return ProtocolError("not_json", "nested too deep")
+    if not isinstance(exc, msgspec.ValidationError):  # JSON to the standard library only (a BOM, UTF-16, ...)
+        return ProtocolError("not_json", str(exc)[:120])
+    try:
+        _check_envelope(message)
+    except ProtocolError as error:
+        return error
+    return _schema_error(exc)
 
 
 def offline_status(device_id: str, boot_id: str, reason: str) -> dict[str, Any]:

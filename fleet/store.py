@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import sqlite_utils
 
 from agent.desired import canonical_json
@@ -90,12 +91,15 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-#: One encoder for the write path: json.dumps with options builds a new encoder on every call.
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+#: The JSON columns' encoder: msgspec, ten times faster than json.dumps on a window's histograms. Unlike json.dumps
+#: with allow_nan=False it writes NaN and infinity as null, which only matters for data that did not pass through
+#: ``protocol.decode``: that refuses them.
+_encode = msgspec.json.Encoder().encode
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else _encode(value)
+    """JSON text (TEXT columns; msgspec makes bytes), or None for SQL NULL."""
+    return None if value is None else _encode(value).decode()
 
 
 def _storable(text: str) -> str:
@@ -254,11 +258,15 @@ _INSERT_WINDOW = (
 _INSERT_EVENT = (
     f"INSERT OR IGNORE INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})"
 )
-# Windows and events also prove a device exists: register it (offline until its birth says otherwise), then touch.
+# Windows and events also prove a device exists: register it (offline until its birth says otherwise), or touch it.
+# One upsert per device, not an insert and an update: a batch of 100 windows comes from up to 100 devices.
+_SEEN_DEVICE = """
+INSERT INTO devices (device_id, first_seen, last_seen, online, boot_id) VALUES (?, ?, ?, 0, ?)
+ON CONFLICT (device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)
+"""
 _REGISTER_DEVICE = (
     "INSERT OR IGNORE INTO devices (device_id, first_seen, last_seen, online, boot_id) VALUES (?, ?, ?, 0, ?)"
 )
-_TOUCH_DEVICE = "UPDATE devices SET last_seen = max(last_seen, ?) WHERE device_id = ?"
 _BIRTH = """
 INSERT INTO devices (device_id, first_seen, last_seen, online, boot_id, agent_version, hardware, runtimes, models,
                      offline_reason)
@@ -286,6 +294,7 @@ ON CONFLICT (reason) DO UPDATE SET
 
 
 def _window_row(w: Mapping[str, Any], received_at: float) -> tuple[Any, ...]:
+    """The values of _WINDOW_COLUMNS in order, written out: 0.6 µs a window cheaper than a generator expression."""
     return (
         w["device_id"],
         w["boot_id"],
@@ -298,7 +307,12 @@ def _window_row(w: Mapping[str, Any], received_at: float) -> tuple[Any, ...]:
         w["errors"],
         w["dropped"],
         received_at,
-        *(_dumps(w.get(f)) for f in _JSON_WINDOW_FIELDS),
+        _encode(w["latency"]).decode(),
+        _encode(w["confidence"]).decode(),
+        _encode(w["classes"]).decode(),
+        _encode(w["features"]).decode(),
+        _dumps(w.get("feedback")),
+        _encode(w["health"]).decode(),
     )
 
 
@@ -357,8 +371,7 @@ class Store:
             conn = self.db.conn
             for s in status:
                 self._apply_status(conn, s, now)
-            conn.executemany(_REGISTER_DEVICE, [(d, now, now, boot) for d, boot in seen.items()])
-            conn.executemany(_TOUCH_DEVICE, [(now, d) for d in seen])
+            conn.executemany(_SEEN_DEVICE, [(d, now, now, boot) for d, boot in seen.items()])
             stored = conn.executemany(_INSERT_WINDOW, window_rows).rowcount if window_rows else 0
             stored += conn.executemany(_INSERT_EVENT, event_rows).rowcount if event_rows else 0
             conn.executemany(_REJECT, self._reject_rows(rejects, now))

@@ -162,7 +162,7 @@ def test_the_agent_package_imports_nothing_of_the_fleet() -> None:
     """The agent installs on a Pi without the fleet: its modules may import only the stdlib and the agent extras."""
     import ast
 
-    allowed = {"numpy", "paho", "cryptography", "tuf", "securesystemslib", "onnxruntime", "ai_edge_litert",
+    allowed = {"numpy", "paho", "msgspec", "cryptography", "tuf", "securesystemslib", "onnxruntime", "ai_edge_litert",
                "tflite_runtime", "agent", "__future__"}  # fmt: skip
     stdlib = set(sys.stdlib_module_names)
     for path in (ROOT / "agent").glob("*.py"):
