@@ -463,9 +463,10 @@ def test_no_window_is_lost_when_the_ingest_is_killed_mid_stream(
         sender.join()
     assert store.window_counts()["pi-k"] < total, "the ingest finished before it was killed: nothing was tested"
 
-    restarted = start_ingest(store, broker, prefix, client_id)
+    restarted = subprocess.Popen([*serve, "--client-id", client_id], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: store.window_counts() == {"pi-k": total}, "every window, after the restart", timeout=30)
     finally:
-        restarted.stop()
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(30)
         store.close()

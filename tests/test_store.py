@@ -1,16 +1,19 @@
-"""The fleet store's write path: JSON columns stay readable text, devices are registered and touched."""
+"""The fleet store's write path: windows kept as they came off the wire, devices registered and touched, and the
+migration of older databases."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlite_utils
 
 from agent import protocol
 from agent.protocol import Kind
-from fleet.store import Store
+from fleet.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 BOOT = "c" * 32
 
@@ -46,16 +49,51 @@ def window(device_id: str, seq: int, **changes: Any) -> dict[str, Any]:
     return protocol.decode(Kind.TELEMETRY, protocol.encode(Kind.TELEMETRY, message))
 
 
-def test_histograms_are_stored_as_json_text_and_read_back_as_sent(store: Store) -> None:
-    sent = [window("pi-1", 0), window("pi-1", 1, feedback=[[3, 0], [1, 0]])]
-    assert store.write_batch(windows=sent) == 2
+HISTOGRAMS = ("latency", "confidence", "classes", "features", "health")
 
-    types = store.db.execute("SELECT typeof(features), typeof(health), typeof(feedback) FROM windows ORDER BY seq")
-    assert types.fetchall() == [("text", "text", "null"), ("text", "text", "text")]
+
+def test_a_window_is_kept_as_the_bytes_it_came_in_and_read_back_as_sent(store: Store) -> None:
+    sent = [window("pi-1", 0), window("pi-1", 1, feedback=[[3, 0], [1, 0]])]
+    wire = [protocol.encode(Kind.TELEMETRY, w) for w in sent]
+    assert store.write_batch(windows=sent, payloads=wire) == 2
+
+    kept = store.db.execute("SELECT payload FROM windows ORDER BY seq").fetchall()
+    assert [row[0] for row in kept] == wire
     stored = store.telemetry("pi-1")["windows"]
-    for field in ("latency", "confidence", "classes", "features", "health"):
+    for field in HISTOGRAMS:
         assert [w[field] for w in stored] == [w[field] for w in sent]
     assert "feedback" not in stored[0]
+    assert stored[1]["feedback"] == [[3, 0], [1, 0]]
+
+
+def test_windows_written_without_their_wire_bytes_are_encoded_by_the_store(store: Store) -> None:
+    sent = window("pi-1", 0)
+    store.write_batch(windows=[sent])
+    assert {f: store.telemetry("pi-1")["windows"][0][f] for f in HISTOGRAMS} == {f: sent[f] for f in HISTOGRAMS}
+
+
+def test_a_v2_database_keeps_every_window_when_it_moves_to_wire_payloads(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    old = sqlite_utils.Database(path)
+    for step in MIGRATIONS[:2]:
+        step(old)
+    old.execute("PRAGMA user_version = 2")
+    sent = [window("pi-1", 0), window("pi-1", 1, feedback=[[3, 0], [1, 0]]), window("pi-2", 0)]
+    for w in sent:  # the v2 layout: histograms as JSON text columns
+        json_columns = {f: json.dumps(w[f]) for f in (*HISTOGRAMS, "feedback") if f in w}
+        old["windows"].insert({**{k: v for k, v in w.items() if k not in json_columns and k != "v"},
+                               "received_at": 1.7e9, **json_columns})  # fmt: skip
+    old.close()
+
+    migrated = Store(path)
+    try:
+        assert migrated.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert migrated.window_counts() == {"pi-1": 2, "pi-2": 1}
+        stored = [*migrated.telemetry("pi-1")["windows"], *migrated.telemetry("pi-2")["windows"]]
+    finally:
+        migrated.close()
+    for field in (*HISTOGRAMS, "device_id", "seq", "count"):
+        assert [w[field] for w in stored] == [w[field] for w in sent]
     assert stored[1]["feedback"] == [[3, 0], [1, 0]]
 
 

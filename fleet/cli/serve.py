@@ -16,6 +16,7 @@ import os
 import pwd
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,18 +29,21 @@ from agent import logs, protocol
 from agent.files import write_atomic
 from agent.link import BrokerAddress, TlsFiles
 from agent.logs import event
-from fleet.broker import embedded_broker
+from fleet.broker import AmqttBroker, embedded_broker
 from fleet.home import HOME_ENV, Home, init_home, resolve_home
 from fleet.ingest import Ingest
 from fleet.repo_server import RepoServer
 from fleet.repository import Repository, RepositoryError
 from fleet.store import SCHEMA_VERSION, Store
+from fleet.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec
 
 log = logging.getLogger(__name__)
 
 EXIT_NOT_FOUND = 3
 #: How long `serve` waits for the ingest to subscribe before announcing the broker anyway (and retrying).
 _READY_TIMEOUT_S = 10.0
+#: How often `serve` checks its telemetry workers, restarting any that died.
+_SUPERVISE_S = 1.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -314,6 +318,15 @@ existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--cert", type=existing_file, help="Client certificate for mqtts://.")
 @click.option("--key", type=existing_file, help="Client key for mqtts://.")
 @click.option(
+    "--ingest-workers",
+    type=click.IntRange(0, 16),
+    default=DEFAULT_INGEST_WORKERS,
+    show_default=True,
+    help="Processes that store telemetry, sharing one MQTT shared subscription ($share/...): more windows/s on "
+    "more cores. 0 keeps everything in this process (forced with the amqtt fallback broker, which lacks shared "
+    "subscriptions). Lowering it strands the retired workers' queued windows in the broker: drain first.",
+)
+@click.option(
     "--stats-interval",
     type=click.FloatRange(min=0.1),
     default=60.0,
@@ -337,6 +350,7 @@ def serve(
     ca: Path | None,
     cert: Path | None,
     key: Path | None,
+    ingest_workers: int,
     stats_interval: float,
     log_level: str,
 ) -> None:
@@ -373,6 +387,9 @@ def serve(
                 raise click.ClickException(f"the embedded broker did not start: {exc}") from None
             running_parts.callback(broker.stop)
             broker_url = broker.url
+            if isinstance(broker, AmqttBroker) and ingest_workers:
+                event(log, "ingest_workers_off", logging.WARNING, reason="amqtt has no shared subscriptions")
+                ingest_workers = 0
         try:
             repo_server = RepoServer(repo.dir, host=repo_host, port=repo_port).start()
         except OSError as exc:
@@ -384,11 +401,20 @@ def serve(
         renewer.start()
         running_parts.callback(renewer.join)
         running_parts.callback(stop.set)
-        ingest = Ingest(store, broker_url, prefix=prefix, client_id=client_id, tls=TlsFiles(ca, cert, key))
+        tls_files = TlsFiles(ca, cert, key)
+        workers = None
+        if ingest_workers:
+            spec = WorkerSpec(made.db, broker_url, prefix, client_id, client_id, tls_files, log_level)
+            workers = TelemetryWorkers(spec, ingest_workers)
+            workers.start()
+            running_parts.callback(workers.stop)  # after the main ingest's stop: closed in reverse
+        kinds = (protocol.Kind.STATUS, protocol.Kind.EVENTS) if workers else protocol.DEVICE_PUBLISHED
+        ingest = Ingest(store, broker_url, prefix=prefix, client_id=client_id, tls=tls_files, kinds=kinds)
         ingest.start()
         gc.freeze()  # start-up objects leave the collector's generations: +13% ingest throughput, measured
         running_parts.callback(ingest.stop)  # final commit and acks
-        if not ingest.wait_ready(_READY_TIMEOUT_S):
+        ready = ingest.wait_ready(_READY_TIMEOUT_S)
+        if not ready or (workers is not None and not workers.wait_ready(_READY_TIMEOUT_S)):
             event(log, "broker_unreachable", logging.WARNING, broker=broker_url, retrying=True)
         tls = {name: str(path.resolve()) for name, path in (("ca", ca), ("cert", cert), ("key", key)) if path}
         info = {"pid": os.getpid(), "broker": broker_url, "repo": repo_server.url, "prefix": prefix, "tls": tls}
@@ -396,6 +422,12 @@ def serve(
         click.echo(f"broker: {broker_url}")  # click.echo flushes: a script can read the line right away
         click.echo(f"repo: {repo_server.url}")
         event(log, "serve_started", home=str(made.root), broker=broker_url, repo=repo_server.url, prefix=prefix)
-        while not stop.wait(stats_interval):
-            event(log, "ingest_stats", **ingest.stats())
+        next_stats = time.monotonic() + stats_interval
+        while not stop.wait(_SUPERVISE_S if workers else stats_interval):
+            if workers is not None:
+                workers.supervise()
+            if time.monotonic() >= next_stats:
+                next_stats += stats_interval
+                telemetry = {"telemetry_workers": workers.stats()} if workers is not None else {}
+                event(log, "ingest_stats", **ingest.stats(), **telemetry)
     event(log, "serve_stopped")

@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import pickle
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,6 +52,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
 from agent.protocol import Kind
+from fleet.workers import DEFAULT_INGEST_WORKERS
 
 TARGET_RATIO = 0.7
 #: mosquitto drops QoS 1 messages for an offline session beyond this (``MosquittoBroker``'s config).
@@ -211,6 +213,8 @@ class Subscriber(Protocol):
 
     def wait_ready(self, timeout: float) -> bool: ...
 
+    def connected_at(self) -> float | None: ...
+
     def done(self) -> int: ...
 
     def stop(self) -> None: ...
@@ -221,20 +225,26 @@ class BareSubscriber:
 
     def __init__(self, url: str, client_id: str) -> None:
         self.count = 0
+        self._connected_at: float | None = None
         self._ready = threading.Event()
         self._address = url.removeprefix("mqtt://").split(":")
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=mqtt.MQTTv311
         )
-        client.on_connect = lambda c, *_: c.subscribe(
-            [(protocol.subscription(protocol.DEFAULT_PREFIX, k), 1) for k in protocol.DEVICE_PUBLISHED]
-        )
+        client.on_connect = self._on_connect
         client.on_subscribe = lambda *_: self._ready.set()
         client.on_message = self._on_message
         self._client = client
 
+    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
+        self._connected_at = time.time()
+        client.subscribe([(protocol.subscription(protocol.DEFAULT_PREFIX, k), 1) for k in protocol.DEVICE_PUBLISHED])
+
     def _on_message(self, _c: mqtt.Client, _u: Any, _m: mqtt.MQTTMessage) -> None:
         self.count += 1
+
+    def connected_at(self) -> float | None:
+        return self._connected_at
 
     def start(self) -> None:
         self._client.connect_async(self._address[0], int(self._address[1]))
@@ -252,25 +262,45 @@ class BareSubscriber:
 
 
 class IngestSubscriber:
-    """The fleet's ``Ingest`` (default batching) into a SQLite ``Store``; done counts committed and acked windows."""
+    """What `fleet serve --ingest-workers N` runs: the fleet's ``Ingest`` (default batching) into a SQLite ``Store``,
+    with telemetry in N worker processes on a shared subscription if N > 0; done counts committed and acked windows.
+    """
 
-    def __init__(self, url: str, client_id: str, db: Path) -> None:
+    def __init__(self, url: str, client_id: str, db: Path, workers: int) -> None:
         from fleet.ingest import Ingest
         from fleet.store import Store
+        from fleet.workers import TelemetryWorkers, WorkerSpec
 
         self.store = Store(db)
-        self.ingest = Ingest(self.store, url, client_id=client_id)
+        kinds = (Kind.STATUS, Kind.EVENTS) if workers else protocol.DEVICE_PUBLISHED
+        self.ingest = Ingest(self.store, url, client_id=client_id, kinds=kinds)
+        spec = WorkerSpec(db, url, protocol.DEFAULT_PREFIX, client_id, client_id, None, "WARNING")
+        self.workers = TelemetryWorkers(spec, workers) if workers else None
 
     def start(self) -> None:
+        if self.workers is not None:
+            self.workers.start()
         self.ingest.start()
 
     def wait_ready(self, timeout: float) -> bool:
-        return self.ingest.wait_ready(timeout)
+        ready = self.ingest.wait_ready(timeout)
+        return ready and (self.workers is None or self.workers.wait_ready(timeout))
+
+    def connected_at(self) -> float | None:
+        stats = self.ingest.stats() if self.workers is None else self.workers.stats()
+        return stats["connected_at"]  # type: ignore[no-any-return]
 
     def done(self) -> int:
-        return int(self.ingest.stats()["stored"])
+        stored = int(self.ingest.stats()["stored"])
+        return stored + (int(self.workers.stats()["stored"]) if self.workers is not None else 0)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.ingest.stats()
+        return stats if self.workers is None else {"main": stats, "workers": self.workers.stats()}
 
     def stop(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
         self.ingest.stop()
 
 
@@ -300,13 +330,16 @@ def _subscriber_main(
     expected: int,
     gc_mode: str,
     timeout: float,
+    workers: int,
     conn: Connection,
 ) -> None:
     """One subscriber in a fresh process, so its heap is that of a process running only it (the collector's work
     grows with the heap). Sends "built", waits for "go", then per ``task``: "subscribe" (subscribe, go away), "drain"
     (time the drain of ``expected`` queued windows from start()), or "live" (send "ready" once subscribed, then
     wait for ``expected`` windows). Replies with the times, CPU per thread, and the store's count."""
-    sub: Subscriber = BareSubscriber(url, client_id) if kind == "bare" else IngestSubscriber(url, client_id, Path(db))
+    sub: Subscriber = (
+        BareSubscriber(url, client_id) if kind == "bare" else IngestSubscriber(url, client_id, Path(db), workers)
+    )
     if gc_mode == "freeze":
         gc.freeze()
     elif gc_mode == "off":
@@ -315,10 +348,13 @@ def _subscriber_main(
     conn.recv()
     before = set(threading.enumerate())
     cpu = time.process_time()
-    t0 = time.time()
+    started = time.time()
     sub.start()
-    if not sub.wait_ready(10):
+    if not sub.wait_ready(30):
         raise RuntimeError(f"{kind}: no SUBACK")
+    # The drain is timed from the connection (the broker sends the queued windows from then on), not from start():
+    # spawning the ingest's worker processes is start-up, not throughput.
+    t0 = sub.connected_at() or started
     if task == "subscribe":
         sub.stop()
         conn.send({})
@@ -332,11 +368,20 @@ def _subscriber_main(
         if t not in before and t.native_id is not None:
             with contextlib.suppress(OSError):
                 threads[t.name.split("-bench")[0]] = round(_cpu_s(f"/proc/self/task/{t.native_id}/stat"), 2)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     sub.stop()
-    result: dict[str, Any] = {"t0": t0, "t1": t1, "cpu_s": round(cpu, 2), "thread_cpu_s": threads}
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, reaped by stop()
+    cpu += sum(getattr(children_after, f) - getattr(children, f) for f in ("ru_utime", "ru_stime"))
+    result: dict[str, Any] = {
+        "t0": t0,
+        "t1": t1,
+        "startup_s": round(t0 - started, 3),
+        "cpu_s": round(cpu, 2),
+        "thread_cpu_s": threads,
+    }
     if isinstance(sub, IngestSubscriber):
         result["stored_in_db"] = sum(sub.store.window_counts().values())
-        result["ingest_stats"] = sub.ingest.stats()
+        result["ingest_stats"] = sub.stats()
         sub.store.close()
     else:
         result["received"] = sub.done()
@@ -344,8 +389,11 @@ def _subscriber_main(
 
 
 class Bench:
-    def __init__(self, workdir: Path, messages: list[Message], publishers: int, timeout: float, gc_mode: str) -> None:
+    def __init__(
+        self, workdir: Path, messages: list[Message], publishers: int, timeout: float, gc_mode: str, workers: int
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=workdir))  # brokers and stores never reused
+        self.workers = workers
         self.messages = messages
         self.publishers = publishers
         self.timeout = timeout
@@ -370,7 +418,7 @@ class Bench:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         db = str(self.workdir / f"fleet-{self._n}.db")
-        args = (kind, url, client_id, db, task, expected, self.gc_mode, self.timeout, child)
+        args = (kind, url, client_id, db, task, expected, self.gc_mode, self.timeout, self.workers, child)
         proc = ctx.Process(target=_subscriber_main, args=args)
         proc.start()
         try:
@@ -561,7 +609,7 @@ def run(args: argparse.Namespace, models: Path, workdir: Path, say: Callable[[st
         },
         "components": components(messages, workdir),
     }
-    bench = Bench(workdir, messages, args.publishers, args.timeout, args.gc)
+    bench = Bench(workdir, messages, args.publishers, args.timeout, args.gc, args.workers)
     runs: dict[str, list[dict[str, Any]]] = {"bare": [], "ingest": []}
     for i in range(args.repeat):
         for kind in ("bare", "ingest"):
@@ -642,6 +690,12 @@ def main() -> None:
     parser.add_argument("--bodies", type=int, default=2, help="distinct window bodies per device")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a drain after this long, s")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_INGEST_WORKERS,
+        help="telemetry ingest worker processes, as `fleet serve --ingest-workers` (0: all in one process)",
+    )
     parser.add_argument("--profile", action="store_true", help="add one ingest drain sampled by py-spy")
     parser.add_argument(
         "--gc",

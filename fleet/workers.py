@@ -1,0 +1,243 @@
+"""Telemetry ingest workers: child processes that share the telemetry subscription, so that decoding and storing
+windows uses more than one core.
+
+One Python process stores a few thousand windows a second and the GIL keeps it on one core (see
+docs/performance.md). With workers, `fleet serve` keeps status and events in its own :class:`~fleet.ingest.Ingest`
+(a device's birth and last will must not be reordered, so they stay on one subscription) and starts N processes,
+each an ``Ingest`` of telemetry only, on the MQTT shared subscription ``$share/<group>/<prefix>/+/telemetry``: the
+broker hands each window to one of them.
+
+Nothing is lost when a worker dies: each has a persistent session of its own (client id ``<client_id>-<i>``), so
+the broker keeps that worker's share of the windows until it is back, and the supervisor starts it again at once.
+A window redelivered after a crash is absorbed by the store's (device_id, boot_id, seq) key, and SQLite's WAL lets
+the workers commit in turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from agent import logs, protocol
+from agent.link import TlsFiles
+from agent.logs import event
+from fleet.ingest import Ingest
+from fleet.store import Store
+
+log = logging.getLogger(__name__)
+
+#: `fleet serve --ingest-workers` unless told otherwise: two processes take a 2-core machine's ingest from 0.4 to
+#: over 0.7 of a bare subscriber's rate (docs/performance.md); more than the cores only adds contention.
+DEFAULT_INGEST_WORKERS = 2
+#: How often a worker reports its counters to the parent.
+_REPORT_S = 0.02
+#: How long a stopping worker may take to commit and ack what it holds before it is killed (the broker redelivers).
+_STOP_TIMEOUT_S = 30.0
+#: How often a worker runs the cycle collector, and the pool checkpoints the database's write-ahead log.
+_COLLECT_S = 30.0
+_CHECKPOINT_S = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_SUMMED = ("received", "stored", "duplicates", "queue_depth", "batches")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to run its ``Ingest``; picklable, as it crosses into a spawned process."""
+
+    db: Path
+    broker_url: str
+    prefix: str
+    client_id: str
+    share: str
+    tls: TlsFiles | None
+    log_level: str
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send SIGTERM when the parent dies, however it dies (SIGKILL included): an orphaned worker
+    would go on taking windows that the next `fleet serve` expects in its own workers' sessions."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        event(log, "ingest_worker_no_parent_watch", logging.WARNING, errno=ctypes.get_errno())
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(spec: WorkerSpec, index: int, parent: int, reports: Connection) -> None:
+    """One worker: ingest telemetry until SIGTERM, then commit and ack what it holds and exit."""
+    logs.setup(spec.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    _die_with(parent)
+    store = Store(spec.db)
+    store.leave_checkpoints_to_others()  # the pool's checkpointer does them, off the ingest's path
+    ingest = Ingest(
+        store,
+        spec.broker_url,
+        prefix=spec.prefix,
+        client_id=f"{spec.client_id}-{index}",
+        tls=spec.tls,
+        kinds=(protocol.Kind.TELEMETRY,),
+        share=spec.share,
+    )
+    ingest.start()
+    # What a worker allocates (decoded windows) is freed by reference counting; the cycle collector only walked it,
+    # at a cost of 20-25% of the decode (measured), so it runs on a clock instead of on allocation counts.
+    gc.freeze()
+    gc.disable()
+    try:
+        reported: dict[str, Any] = {}
+        collected = time.monotonic()
+        while not stop.wait(_REPORT_S):
+            stats = ingest.stats()
+            if stats != reported:
+                reports.send(stats)
+                reported = stats
+            if time.monotonic() - collected > _COLLECT_S:
+                gc.collect()
+                collected = time.monotonic()
+    finally:
+        ingest.stop()
+        with contextlib.suppress(OSError):  # a parent that is gone no longer reads
+            reports.send({**ingest.stats(), "connected": False})
+        store.close()
+
+
+class TelemetryWorkers:
+    """``count`` telemetry ingest processes on one shared subscription, supervised: a worker that dies is restarted."""
+
+    def __init__(self, spec: WorkerSpec, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.spec = spec
+        self.count = count
+        self._ctx = mp.get_context("spawn")  # not fork: the parent runs threads (ingest, repository server)
+        # Nothing is shared between the processes but a pipe per worker, read by this process only, and signals:
+        # a shared lock or queue could be left held by a worker killed at the wrong moment.
+        self._stop = threading.Event()
+        self._pipes: list[Connection | None] = [None] * count
+        self._procs: list[BaseProcess | None] = [None] * count
+        self._latest: list[dict[str, Any]] = [{} for _ in range(count)]
+        self._past: list[dict[str, Any]] = []  # last reports of workers that died and were replaced
+        self.restarts = 0
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="ingest-checkpointer", daemon=True)
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._spawn(index)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Move the workers' commits from the write-ahead log into the database, so that no worker waits for it."""
+        store = Store(self.spec.db)
+        try:
+            while not self._stop.wait(_CHECKPOINT_S):
+                store.checkpoint()
+        finally:
+            store.close()
+
+    def _spawn(self, index: int) -> None:
+        reader, writer = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self.spec, index, os.getpid(), writer),
+            name=f"ingest-telemetry-{index}",
+            daemon=True,
+        )
+        proc.start()
+        writer.close()  # the worker holds the only write end: its death shows as EOF
+        old = self._pipes[index]
+        if old is not None:
+            old.close()
+        self._procs[index], self._pipes[index] = proc, reader
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker is connected and subscribed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._collect(wait=0.05)
+            if all(r.get("connected") for r in self._latest):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def supervise(self) -> None:
+        """Restart any worker that exited while the pool was not stopping; call it now and then."""
+        self._collect()
+        if self._stop.is_set():
+            return
+        for index, proc in enumerate(self._procs):
+            if proc is not None and not proc.is_alive():
+                event(log, "ingest_worker_died", logging.ERROR, worker=index, exitcode=proc.exitcode, restarting=True)
+                self._past.append(self._latest[index])
+                self._latest[index] = {}
+                self.restarts += 1
+                self._spawn(index)
+
+    def stats(self) -> dict[str, Any]:
+        """The workers' counters summed (including workers replaced since), as ``Ingest.stats`` has them."""
+        self._collect()
+        reports = [*self._past, *self._latest]
+        total: dict[str, Any] = {key: sum(r.get(key, 0) for r in reports) for key in _SUMMED}
+        rejected: Counter[str] = Counter()
+        for r in reports:
+            rejected.update(r.get("rejected", {}))
+        connected = [r["connected_at"] for r in self._latest if r.get("connected")]
+        return {
+            "workers": self.count,
+            "connected": len(connected),
+            "connected_at": min(connected) if len(connected) == self.count else None,  # all connected, since when
+            **total,
+            "rejected": dict(rejected),
+            "restarts": self.restarts,
+        }
+
+    def stop(self, timeout: float = _STOP_TIMEOUT_S) -> None:
+        """Let every worker commit and ack what it holds, then exit; kill a worker that takes longer than timeout."""
+        self._stop.set()
+        if self._checkpointer.is_alive():
+            self._checkpointer.join()
+        for proc in self._procs:
+            if proc is not None and proc.is_alive():
+                proc.terminate()  # SIGTERM: the worker's cue to commit, ack and exit
+        deadline = time.monotonic() + timeout
+        for index, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            while proc.is_alive() and time.monotonic() < deadline:
+                self._collect(wait=0.05)  # keep reading, so that no worker blocks on a full pipe
+                proc.join(0)
+            if proc.is_alive():  # what it had not acked stays in its session at the broker
+                event(log, "ingest_worker_killed", logging.WARNING, worker=index, after_s=timeout)
+                proc.kill()
+                proc.join()
+        self._collect()
+        for pipe in self._pipes:
+            if pipe is not None:
+                pipe.close()
+        self._pipes = [None] * self.count
+
+    def _collect(self, wait: float = 0.0) -> None:
+        """Take the workers' reports that have arrived (waiting up to ``wait`` for the first)."""
+        pipes = {pipe: index for index, pipe in enumerate(self._pipes) if pipe is not None}
+        for pipe in mp_connection.wait(list(pipes), wait):
+            try:
+                while pipe.poll():  # type: ignore[union-attr]
+                    self._latest[pipes[pipe]] = pipe.recv()  # type: ignore[union-attr]
+            except (EOFError, OSError):  # the worker is gone; supervise() restarts it
+                continue
