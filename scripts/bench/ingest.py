@@ -1,20 +1,24 @@
-"""Ingest throughput: telemetry windows per second stored by the fleet's ``Ingest`` vs a bare paho subscriber.
+"""Ingest throughput: telemetry windows per second stored by the fleet's ingest vs a bare paho subscriber.
 
 Both subscribers take the same load from the same kind of broker (a fresh ``MosquittoBroker`` per measurement,
 loopback): realistic digits windows, made by the real ``WindowAggregator`` from held-out digits and encoded with
 ``protocol.encode``, published with QoS 1 by several publisher clients, each in its own process.
 
-Each subscriber runs in a fresh process of its own (only it, as in the fleet manager), reporting CPU per thread.
+Each subscriber runs in a fresh process of its own. The ingest runs as `fleet serve --ingest-workers N` does: an
+``Ingest`` of status and events in that process, and N ``TelemetryWorkers`` processes on a shared subscription
+(N = 0: one ``Ingest`` of everything). Its CPU includes the workers' (their start-up too).
 
 (a) Saturation: the subscriber is offline with a persistent session (subscribed once beforehand) while the
-    publishers put a backlog of M windows into the broker; then the subscriber starts and the drain is timed until
-    the M-th window is counted (bare: paho ``on_message`` count, auto-ack) or committed and acked (``Ingest`` into a
-    fresh SQLite store; checked with ``store.window_counts()`` afterwards).
+    publishers put a backlog of M windows into the broker; then the subscriber starts and the drain is timed from
+    its connection (the broker sends the backlog from then on; spawning worker processes is start-up, not
+    throughput) until the M-th window is counted (bare: paho ``on_message`` count, auto-ack) or committed and acked
+    (the ingest, into a fresh SQLite store; checked with ``store.window_counts()`` afterwards).
 (b) Offered load: the subscriber is live while the publishers emit R windows/s for T seconds; reported are the rate
     at which windows were stored (M / (last stored - first published)) and the lag (last stored - last published).
 
     python scripts/bench/ingest.py [--models DIR] [--messages 20000] [--devices 200] [--publishers 4]
-                                   [--rates 500,2000] [--seconds 10] [--repeat 3] [--profile] [--json]
+                                   [--rates 500,2000] [--seconds 10] [--repeat 3] [--workers 2] [--profile]
+                                   [--json]
                                    [--gc default|freeze|off]   (diagnostic: the subscribers' garbage collector)
 
 Without ``--models`` the good digits example is built into a temporary folder first (a few seconds). ``--profile``
@@ -534,8 +538,8 @@ def _py_spy_top(path: Path, n: int = 20) -> dict[str, list[tuple[str, float]]]:
 
 def _components_main(path: str, conn: Connection) -> None:
     """Single-threaded costs of the ingest's stages in a fresh process, µs per window, best of three passes:
-    decoding a payload, and storing decoded windows in batches of 100 into a fresh store (as the ingest does, at
-    most a batch of decoded windows is alive at a time)."""
+    decoding a payload, and storing decoded windows with their payloads in batches of 100 into a fresh store (as
+    the ingest does, at most a batch of decoded windows is alive at a time)."""
     from fleet.store import Store
 
     with open(path, "rb") as f:
@@ -545,11 +549,12 @@ def _components_main(path: str, conn: Connection) -> None:
         store = Store(Path(path).with_name(f"components-{i}.db"))
         decode = write = 0.0
         for j in range(0, len(sample), 100):
+            payloads = [payload for _, payload in sample[j : j + 100]]
             start = time.perf_counter()
-            batch = [protocol.decode(Kind.TELEMETRY, payload) for _, payload in sample[j : j + 100]]
+            batch = [protocol.decode(Kind.TELEMETRY, payload) for payload in payloads]
             decode += time.perf_counter() - start
             start = time.perf_counter()
-            store.write_batch(windows=batch)
+            store.write_batch(windows=batch, payloads=payloads)
             write += time.perf_counter() - start
         store.close()
         decode_s.append(decode)
