@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +77,32 @@ class ServedModel:
     config: ModelConfig
     model: runtime.Model
     telemetry: WindowAggregator
+    #: The model's predict, measured and aggregated: what AgentCore.predict and infer call.
+    run: Callable[[np.ndarray], np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run = _measured(self.model.predict, self.telemetry)
 
 
-def _record_failure(served: ServedModel, inputs: np.ndarray, start: float, exc: runtime.RuntimeLayerError) -> None:
-    """Count a failed call's rows as errors, unless they never were rows of this model (wrong type, dtype or
-    shape: the caller's mistake, refused before the model ran, so not the release's fault)."""
-    if isinstance(exc, runtime.InputError) and not isinstance(exc, runtime.NonFiniteInput):
-        return
-    served.telemetry.record(inputs, None, _perf_counter() - start, error=True)
+def _measured(predict: Callable[[np.ndarray], np.ndarray], telemetry: WindowAggregator) -> Callable[..., np.ndarray]:
+    """``predict`` with each call timed and queued for telemetry. A closure, so the hot path at batch 1 reads its
+    two callables from cells instead of four attribute lookups (each is about 1% of a 6 µs inference)."""
+    record_served = telemetry.record_served
+
+    def run(inputs: np.ndarray) -> np.ndarray:
+        start = _perf_counter()
+        try:
+            outputs = predict(inputs)
+        except runtime.RuntimeLayerError as exc:
+            # A call of the wrong type, dtype or shape is the caller's mistake, refused before the model ran: not
+            # the release's fault, so not counted. Anything else (NaN rows included) counts as failed rows.
+            if not isinstance(exc, runtime.InputError) or isinstance(exc, runtime.NonFiniteInput):
+                telemetry.record(inputs, None, _perf_counter() - start, error=True)
+            raise
+        record_served(inputs, outputs, _perf_counter() - start)
+        return outputs
+
+    return run
 
 
 def hardware() -> dict[str, Any]:
@@ -224,12 +242,12 @@ class AgentCore:
         served = self.models.get(model_name)  # the lookup inlined: at batch 1 each call layer costs 1%
         if served is None:
             raise self._unknown(model_name)
-        return self._run(served, inputs)
+        return served.run(inputs)
 
     def infer(self, model_name: str, inputs: np.ndarray) -> Inference:
         """predict(), plus one id per row that :meth:`feedback` can later attach a true label to."""
         served = self._served(model_name)  # one lookup: the release reported is the one that answered
-        outputs = self._run(served, inputs)
+        outputs = served.run(inputs)
         request = uuid.uuid4().hex[:16]
         ids = [f"{request}-{i}" for i in range(len(outputs))]
         predicted = outputs.argmax(axis=1).tolist()
@@ -265,17 +283,6 @@ class AgentCore:
 
     def _unknown(self, model_name: str) -> UnknownModel:
         return UnknownModel(f"no model named {model_name!r}; served: {sorted(self.models)}")
-
-    @staticmethod
-    def _run(served: ServedModel, inputs: np.ndarray) -> np.ndarray:
-        start = _perf_counter()
-        try:
-            outputs = served.model.predict(inputs)
-        except runtime.RuntimeLayerError as exc:
-            _record_failure(served, inputs, start, exc)
-            raise
-        served.telemetry.record_served(inputs, outputs, _perf_counter() - start)
-        return outputs
 
     def drain_telemetry(self) -> None:
         """Histogram queued inferences here, on the reactor thread, so the callers of predict() do not pay for it."""

@@ -72,6 +72,8 @@ class _Item:
 class Ingest:
     """Subscribe to the devices' status, telemetry and events topics (``kinds``) and store what arrives.
 
+    With no ``kinds`` it takes nothing new and stores what its persistent session still holds.
+
     With ``share``, the subscriptions are MQTT shared subscriptions (``$share/<share>/...``): several ingests in one
     group (each its own process, see :mod:`fleet.workers`) split the messages between them, each message going to
     one.
@@ -89,7 +91,7 @@ class Ingest:
         share: str | None = None,
     ) -> None:
         unknown = set(kinds) - set(protocol.DEVICE_PUBLISHED)
-        if not kinds or unknown:
+        if unknown:
             raise ValueError(f"kinds must be some of {[k.value for k in protocol.DEVICE_PUBLISHED]}, got {kinds}")
         self.store = store
         self.prefix = prefix
@@ -188,11 +190,15 @@ class Ingest:
         # The session keeps the subscription, but a broker that lost its state would not: subscribe every time. A
         # session from a run that took other kinds (or took them unshared) drops those filters, or it would keep
         # receiving copies of what the telemetry workers store.
+        # No kinds: take nothing new, store what the session still holds (a retired worker's, see fleet.workers).
         taken = [self.filter(kind) for kind in self.kinds]
-        client.subscribe([(f, 1) for f in taken])
+        if taken:
+            client.subscribe([(f, 1) for f in taken])
         stale = [self._filter(kind, share) for kind in protocol.DEVICE_PUBLISHED for share in (None, self.share)]
         if dropped := sorted({f for f in stale if f not in taken}):
             client.unsubscribe(dropped)
+        if not taken:
+            self._ready.set()
 
     def filter(self, kind: protocol.Kind) -> str:
         """The topic filter this ingest subscribes for one kind: shared (``$share/GROUP/...``) if it has a group."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -32,8 +33,12 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from agent import logs, protocol
-from agent.link import TlsFiles
+from agent.files import write_atomic
+from agent.link import BrokerAddress, TlsFiles
 from agent.logs import event
 from fleet.ingest import Ingest
 from fleet.store import Store
@@ -47,6 +52,9 @@ DEFAULT_INGEST_WORKERS = 2
 _REPORT_S = 0.02
 #: How long a stopping worker may take to commit and ack what it holds before it is killed (the broker redelivers).
 _STOP_TIMEOUT_S = 30.0
+#: Retiring a worker's session: how long to wait for the broker, and for a lull that says the session is empty.
+_RETIRE_TIMEOUT_S = 10.0
+_RETIRE_QUIET_S = 0.5
 #: How often a worker runs the cycle collector, and the pool checkpoints the database's write-ahead log.
 _COLLECT_S = 30.0
 _CHECKPOINT_S = 1.0
@@ -118,6 +126,70 @@ def _worker_main(spec: WorkerSpec, index: int, parent: int, reports: Connection)
         store.close()
 
 
+def retire(spec: WorkerSpec, keep: int, timeout: float = _RETIRE_TIMEOUT_S) -> bool:
+    """Drain and remove the broker sessions of workers an earlier run had beyond ``keep``; False if it could not.
+
+    A worker's session collects its share of the windows while the worker is away, so a pool made smaller would
+    strand the retired workers' shares in the broker. Each retired session is resumed under its client id with no
+    subscription (so nothing new comes), what it holds is stored, and the session is then removed. The pool size in
+    use is recorded beside the database (``<db>.ingest-workers.json``), per client id.
+    """
+    record_path = spec.db.with_name(spec.db.name + ".ingest-workers.json")
+    try:
+        record: dict[str, int] = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        record = {}
+    for index in range(keep, record.get(spec.client_id, 0)):
+        if not _drain_session(spec, index, timeout):
+            event(log, "ingest_worker_retire_deferred", logging.WARNING, worker=index, reason="broker unreachable")
+            return False
+        event(log, "ingest_worker_retired", worker=index)
+    if record.get(spec.client_id) != keep:
+        write_atomic(record_path, json.dumps({**record, spec.client_id: keep}).encode())
+    return True
+
+
+def _drain_session(spec: WorkerSpec, index: int, timeout: float) -> bool:
+    client_id = f"{spec.client_id}-{index}"
+    store = Store(spec.db)
+    ingest = Ingest(store, spec.broker_url, spec.prefix, client_id, tls=spec.tls, kinds=(), share=spec.share)
+    ingest.start()
+    try:
+        if not ingest.wait_ready(timeout):
+            return False
+        quiet_since, seen = time.monotonic(), -1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() - quiet_since < _RETIRE_QUIET_S and time.monotonic() < deadline:
+            stats = ingest.stats()
+            if stats["received"] + stats["queue_depth"] != seen:
+                quiet_since, seen = time.monotonic(), stats["received"] + stats["queue_depth"]
+            time.sleep(0.05)
+    finally:
+        ingest.stop()
+        store.close()
+    return _remove_session(spec, client_id, timeout)
+
+
+def _remove_session(spec: WorkerSpec, client_id: str, timeout: float) -> bool:
+    """Connect once with a clean session: the broker drops the stored one."""
+    address = BrokerAddress.parse(spec.broker_url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True, protocol=mqtt.MQTTv311)
+    if address.tls:
+        (spec.tls or TlsFiles()).apply(client)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, reason_code, p: connected.set() if not reason_code.is_failure else None
+    try:
+        client.connect(address.host, address.port)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        return connected.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 class TelemetryWorkers:
     """``count`` telemetry ingest processes on one shared subscription, supervised: a worker that dies is restarted."""
 
@@ -138,6 +210,8 @@ class TelemetryWorkers:
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="ingest-checkpointer", daemon=True)
 
     def start(self) -> None:
+        """Start the workers, after draining the sessions of any an earlier, larger pool had (see :func:`retire`)."""
+        retire(self.spec, self.count)
         for index in range(self.count):
             self._spawn(index)
         self._checkpointer.start()

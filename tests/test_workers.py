@@ -116,3 +116,21 @@ def test_a_pool_needs_at_least_one_worker(db: Path) -> None:
     spec = WorkerSpec(db, "mqtt://127.0.0.1:1", protocol.DEFAULT_PREFIX, "ingest", "ingest", None, "WARNING")
     with pytest.raises(ValueError, match="count must be >= 1"):
         TelemetryWorkers(spec, 0)
+
+
+def test_a_smaller_pool_first_stores_what_the_retired_workers_sessions_held_and_then_removes_them(
+    db: Path, broker: MosquittoBroker, prefix: str, publisher: Publisher
+) -> None:
+    client_id = f"ingest-{uuid.uuid4().hex[:8]}"
+    pool(db, broker, prefix, 3, client_id).stop()
+    publisher.send_many([("pi-1", Kind.TELEMETRY, window("pi-1", seq)) for seq in range(90)])  # a third each
+
+    workers = pool(db, broker, prefix, 1, client_id)  # retires workers 1 and 2 first
+    store = Store(db)
+    try:
+        wait_for(lambda: store.window_counts().get("pi-1") == 90, "the windows all three sessions held")
+        publisher.send_many([("pi-1", Kind.TELEMETRY, window("pi-1", seq)) for seq in range(90, 150)])
+        wait_for(lambda: store.window_counts().get("pi-1") == 150, "every later window: no session strands any")
+    finally:
+        workers.stop()
+        store.close()

@@ -35,7 +35,7 @@ from fleet.ingest import Ingest
 from fleet.repo_server import RepoServer
 from fleet.repository import Repository, RepositoryError
 from fleet.store import SCHEMA_VERSION, Store
-from fleet.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec
+from fleet.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec, retire
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="Processes that store telemetry, sharing one MQTT shared subscription ($share/...): more windows/s on "
     "more cores. 0 keeps everything in this process (forced with the amqtt fallback broker, which lacks shared "
-    "subscriptions). Lowering it strands the retired workers' queued windows in the broker: drain first.",
+    "subscriptions). When lowered, the retired workers' sessions are drained and removed at start.",
 )
 @click.option(
     "--stats-interval",
@@ -380,6 +380,7 @@ def serve(
     with contextlib.ExitStack() as running_parts:  # closed in reverse: ingest first, the broker and store last
         store = Store(made.db)
         running_parts.callback(store.close)
+        shared_subscriptions = True
         if broker_url is None:
             try:
                 broker = embedded_broker(made.broker_dir, port)
@@ -387,9 +388,11 @@ def serve(
                 raise click.ClickException(f"the embedded broker did not start: {exc}") from None
             running_parts.callback(broker.stop)
             broker_url = broker.url
-            if isinstance(broker, AmqttBroker) and ingest_workers:
-                event(log, "ingest_workers_off", logging.WARNING, reason="amqtt has no shared subscriptions")
-                ingest_workers = 0
+            if isinstance(broker, AmqttBroker):
+                shared_subscriptions = False
+                if ingest_workers:
+                    event(log, "ingest_workers_off", logging.WARNING, reason="amqtt has no shared subscriptions")
+                    ingest_workers = 0
         try:
             repo_server = RepoServer(repo.dir, host=repo_host, port=repo_port).start()
         except OSError as exc:
@@ -402,12 +405,14 @@ def serve(
         running_parts.callback(renewer.join)
         running_parts.callback(stop.set)
         tls_files = TlsFiles(ca, cert, key)
+        spec = WorkerSpec(made.db, broker_url, prefix, client_id, client_id, tls_files, log_level)
         workers = None
         if ingest_workers:
-            spec = WorkerSpec(made.db, broker_url, prefix, client_id, client_id, tls_files, log_level)
             workers = TelemetryWorkers(spec, ingest_workers)
             workers.start()
             running_parts.callback(workers.stop)  # after the main ingest's stop: closed in reverse
+        elif shared_subscriptions:
+            retire(spec, 0)  # an earlier run's workers left sessions holding windows: store those first
         kinds = (protocol.Kind.STATUS, protocol.Kind.EVENTS) if workers else protocol.DEVICE_PUBLISHED
         ingest = Ingest(store, broker_url, prefix=prefix, client_id=client_id, tls=tls_files, kinds=kinds)
         ingest.start()
