@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -55,6 +56,9 @@ _STOP_TIMEOUT_S = 30.0
 #: Retiring a worker's session: how long to wait for the broker, and for a lull that says the session is empty.
 _RETIRE_TIMEOUT_S = 10.0
 _RETIRE_QUIET_S = 0.5
+#: A dead worker is restarted after this long, doubling while it keeps dying within the maximum of its start.
+_RESTART_MIN_S = 0.1
+_RESTART_MAX_S = 30.0
 #: How often a worker runs the cycle collector, and the pool checkpoints the database's write-ahead log.
 _COLLECT_S = 30.0
 _CHECKPOINT_S = 1.0
@@ -204,6 +208,9 @@ class TelemetryWorkers:
         self._stop = threading.Event()
         self._pipes: list[Connection | None] = [None] * count
         self._procs: list[BaseProcess | None] = [None] * count
+        self._started_at = [0.0] * count
+        self._restart_at = [0.0] * count  # 0: alive, or not yet seen dead
+        self._delay = [0.0] * count
         self._latest: list[dict[str, Any]] = [{} for _ in range(count)]
         self._past: list[dict[str, Any]] = []  # last reports of workers that died and were replaced
         self.restarts = 0
@@ -218,11 +225,18 @@ class TelemetryWorkers:
 
     def _checkpoint_loop(self) -> None:
         """Move the workers' commits from the write-ahead log into the database, so that no worker waits for it."""
-        store = Store(self.spec.db)
-        try:
-            while not self._stop.wait(_CHECKPOINT_S):
+        store: Store | None = None
+        failing = False
+        while not self._stop.wait(_CHECKPOINT_S):
+            try:
+                store = store or Store(self.spec.db)
                 store.checkpoint()
-        finally:
+                failing = False
+            except sqlite3.Error as exc:  # the workers' own errors say more; this one is said once, then retried
+                if not failing:
+                    event(log, "checkpoint_failed", logging.WARNING, error=str(exc))
+                failing = True
+        if store is not None:
             store.close()
 
     def _spawn(self, index: int) -> None:
@@ -239,6 +253,7 @@ class TelemetryWorkers:
         if old is not None:
             old.close()
         self._procs[index], self._pipes[index] = proc, reader
+        self._started_at[index], self._restart_at[index] = time.monotonic(), 0.0
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every worker is connected and subscribed."""
@@ -255,13 +270,22 @@ class TelemetryWorkers:
         self._collect()
         if self._stop.is_set():
             return
+        now = time.monotonic()
         for index, proc in enumerate(self._procs):
-            if proc is not None and not proc.is_alive():
-                event(log, "ingest_worker_died", logging.ERROR, worker=index, exitcode=proc.exitcode, restarting=True)
-                self._past.append(self._latest[index])
-                self._latest[index] = {}
-                self.restarts += 1
-                self._spawn(index)
+            if proc is None or proc.is_alive() or now < self._restart_at[index]:
+                continue
+            if self._restart_at[index] == 0.0:  # just found dead: a worker that keeps dying waits longer each time
+                lived = now - self._started_at[index]
+                again = min(max(_RESTART_MIN_S, 2 * self._delay[index]), _RESTART_MAX_S)
+                self._delay[index] = _RESTART_MIN_S if lived > _RESTART_MAX_S else again
+                self._restart_at[index] = now + self._delay[index]
+                event(log, "ingest_worker_died", logging.ERROR, worker=index, exitcode=proc.exitcode,
+                      restart_in_s=round(self._delay[index], 1))  # fmt: skip
+                continue
+            self._past.append(self._latest[index])
+            self._latest[index] = {}
+            self.restarts += 1
+            self._spawn(index)
 
     def stats(self) -> dict[str, Any]:
         """The workers' counters summed (including workers replaced since), as ``Ingest.stats`` has them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +135,21 @@ def test_a_smaller_pool_first_stores_what_the_retired_workers_sessions_held_and_
     finally:
         workers.stop()
         store.close()
+
+
+def test_a_worker_that_keeps_dying_is_restarted_less_and_less_often(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a-directory").mkdir()  # not a database: every worker's Store fails to open it, at start
+    spec = WorkerSpec(tmp_path / "a-directory", "mqtt://127.0.0.1:1", "p/v1", "i", "i", None, "ERROR")
+    workers = TelemetryWorkers(spec, 1)
+    workers.start()
+    try:
+        deadline = time.monotonic() + 30
+        while workers.restarts < 4 and time.monotonic() < deadline:
+            workers.supervise()
+            time.sleep(0.02)
+    finally:
+        workers.stop()
+    delays = [r.edgefleet_fields["restart_in_s"] for r in caplog.records if r.getMessage() == "ingest_worker_died"]
+    assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
