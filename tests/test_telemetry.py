@@ -306,19 +306,34 @@ def test_the_hot_path_for_checked_calls_counts_exactly_what_record_counts() -> N
     inputs = random_inputs(rng, edges, 700)
     inputs[np.isnan(inputs)] = 0.0  # calls the runtime layer completed have finite inputs
     probs = random_probs(rng, 700, 6)
+    answers = {row.tobytes(): p for row, p in zip(inputs, probs, strict=True)}
+
+    def predict(x: np.ndarray) -> np.ndarray:  # stands for a model: looks the rows' outputs up
+        if (x == 1e9).any():
+            raise LookupError("a model failure")
+        return np.array([answers[row.tobytes()] for row in x], np.float32)
+
     checked, served = (WindowAggregator("m", "m:1", edges, 6, clock=FakeClock()) for _ in range(2))
+    measured = served.measure(predict, LookupError, lambda exc: True)
     start = 0
     for size in [1, 5, 64, 1, 300, 29, 300]:
         checked.record(inputs[start : start + size], probs[start : start + size], 0.004)
-        served.record_served(inputs[start : start + size], probs[start : start + size], 0.004)
+        assert np.array_equal(measured(inputs[start : start + size]), probs[start : start + size])
         start += size
-    assert served.flush() == checked.flush()
+    with pytest.raises(LookupError):
+        measured(np.full((2, 9), 1e9, np.float32))
+    checked.record(np.full((2, 9), 1e9, np.float32), None, 0.004, error=True)
+
+    on_the_hot_path, by_record = served.flush(), checked.flush()
+    assert sum(on_the_hot_path.pop("latency")) == sum(by_record.pop("latency")) == 702  # timed, not 4 ms
+    assert on_the_hot_path == by_record
 
 
 def test_queued_inputs_stay_bounded_in_bytes_whatever_the_batch_size() -> None:
     agg = WindowAggregator("m", "", [[0.0, 1.0]] * 64, 3)
     big = np.zeros((512, 64), np.float32)  # 128 KiB a call
+    measured = agg.measure(lambda x: np.zeros((len(x), 3), np.float32), LookupError, lambda exc: True)
     for _ in range(40):
-        agg.record_served(big, np.zeros((512, 3), np.float32), 0.001)
+        measured(big)
         assert sum(len(blob) for blob, _, _ in agg._pending) <= 16 * big.nbytes  # peeks: the queue is private
     assert agg.flush()["count"] == 40 * 512
