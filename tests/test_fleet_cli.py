@@ -330,3 +330,10 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = fleet(*command, "--help")
     assert result.exit_code == 0
     assert "Usage:" in result.stdout
+
+
+def test_serve_refuses_a_client_id_that_cannot_name_the_workers_shared_subscription(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path / "home"), "--client-id", "fleet/ingest"])
+    assert result.exit_code == 2
+    assert "may not hold '/'" in result.output
+    assert not (tmp_path / "home").exists()  # refused before anything was made

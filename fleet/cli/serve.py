@@ -365,6 +365,8 @@ def serve(
         raise click.UsageError("--port sets the embedded broker's port; it does not go with --broker")
     if (ca or cert or key) and not (broker_url or "").startswith("mqtts://"):
         raise click.UsageError("--ca, --cert and --key are for an mqtts:// --broker")
+    if ingest_workers and any(c in client_id for c in "/+#"):
+        raise click.UsageError("--client-id names the workers' shared subscription: it may not hold '/', '+' or '#'")
     root = resolve_home(home)
     running = running_serve(root)
     if running is not None:
