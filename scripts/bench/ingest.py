@@ -701,7 +701,11 @@ def main() -> None:
         default=DEFAULT_INGEST_WORKERS,
         help="telemetry ingest worker processes, as `fleet serve --ingest-workers` (0: all in one process)",
     )
-    parser.add_argument("--profile", action="store_true", help="add one ingest drain sampled by py-spy")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="add one ingest drain sampled by py-spy (the subscriber process only: use it with --workers 0)",
+    )
     parser.add_argument(
         "--gc",
         choices=("default", "freeze", "off"),
