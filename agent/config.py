@@ -50,7 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent import protocol
-from agent.link import BrokerAddress, TlsFiles
+from agent.broker_address import BrokerAddress, TlsFiles
 
 
 class ConfigError(ValueError):
@@ -99,7 +99,7 @@ def parse_listen(value: str) -> tuple[str, int] | Path:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """Model updates (agent/install.py): where releases come from, whom to trust, and how a release must behave."""
+    """Model updates (agent/update/): where releases come from, whom to trust, and how a release must behave."""
 
     repo_url: str
     trusted_root: Path

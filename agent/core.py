@@ -2,7 +2,7 @@
 
 The daemon (`edge-agent run`) runs one core on its own reactor; the simulator runs hundreds of cores on one
 shared reactor. Inference may be called from any thread; everything else runs on the reactor thread, except
-installs, which run on the installer's worker thread (agent/install.py) when agent.toml has an ``[update]`` table.
+installs, which run on the installer's worker thread (agent/update/) when agent.toml has an ``[update]`` table.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from agent import __version__, protocol, runtime
 from agent.config import AgentConfig, ModelConfig
 from agent.files import write_atomic
 from agent.health import HealthSampler
-from agent.install import Installer
 from agent.link import Backoff, MqttLink, new_boot_id
 from agent.logs import event
 from agent.outbox import Outbox
 from agent.protocol import Kind
 from agent.reactor import Reactor, Timer
 from agent.telemetry import WindowAggregator
+from agent.update.install import Installer
 
 log = logging.getLogger(__name__)
 

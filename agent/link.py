@@ -15,14 +15,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
+from agent.broker_address import BrokerAddress, TlsFiles
 from agent.logs import event
 from agent.protocol import Kind
 from agent.reactor import Reactor, Timer
@@ -36,46 +35,6 @@ class PendingStore(Protocol):
     def pending(self, limit: int, exclude: Any = ()) -> list[Any]: ...
 
     def ack(self, seq: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Accept ``mqtt://host:port`` and ``mqtts://host:port`` (the port defaults to 1883 and 8883)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, not {url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-            raise ValueError(f"broker URL takes only a host and a port: {url!r}")
-        tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """CA to trust and, for mutual TLS, the client's certificate (a device's CN = its device id) and key."""
-
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-    def apply(self, client: mqtt.Client) -> None:
-        """Make ``client`` speak TLS 1.2+ and verify the broker (against ``ca``, else the system's CAs)."""
-        client.tls_set(
-            ca_certs=str(self.ca) if self.ca else None,
-            certfile=str(self.cert) if self.cert else None,
-            keyfile=str(self.key) if self.key else None,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
 
 
 @dataclass(frozen=True)

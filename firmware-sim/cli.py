@@ -21,7 +21,7 @@ def ensure_model(model_dir: Path, variant: str, seed: int) -> Path:
     """Build the example model once and reuse it: training is the slow part of starting a simulation."""
     out = model_dir / f"{variant}-{seed}"
     if not (out / "card.json").exists():
-        from fleet.modelgen import build_example
+        from fleet.examples.modelgen import build_example
 
         click.echo(f"building the {variant!r} digits model in {out} ...", err=True)
         build_example(out, variant=variant, seed=seed)

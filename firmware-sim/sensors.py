@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleet.modelgen import digits_split
+from fleet.examples.modelgen import digits_split
 
 
 def held_out_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from agent import runtime
+from agent.broker_address import BrokerAddress
 from agent.config import AgentConfig, ModelConfig
 from agent.core import AgentCore
-from agent.link import BrokerAddress
 from agent.logs import event
 from agent.protocol import DEFAULT_PREFIX, Kind
 from agent.reactor import Reactor, Timer

@@ -2,10 +2,10 @@
 
 For every device, the fleet records the next desired state in the store (the last published state's models with the
 assigned one replaced, and a seq never used before), signs it with the online director key
-(:func:`fleet.director.sign_desired`), publishes it retained with QoS 1 on the device's ``desired`` topic and only
+(:func:`fleet.trust.director.sign_desired`), publishes it retained with QoS 1 on the device's ``desired`` topic and only
 counts it once the broker's PUBACK arrived. Retained plus the device's persistent session means a device that is
 offline picks the state up when it connects. The device acts on it only if TUF's targets metadata lists the same
-target too (see :mod:`agent.desired`).
+target too (see :mod:`agent.update.desired`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from securesystemslib.signer import Signer
 
 from agent import protocol
-from agent.link import BrokerAddress, TlsFiles
-from fleet.director import sign_desired
-from fleet.store import Store
+from agent.broker_address import BrokerAddress, TlsFiles
+from fleet.store.sqlite import Store
+from fleet.trust.director import sign_desired
 
 #: The fields of a release that go into a desired state (``ReleaseInfo.desired_entry``).
 _ENTRY_FIELDS = ("target", "release", "sha256", "length")

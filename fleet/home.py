@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.store import Store
+from fleet.store.sqlite import Store
 
 HOME_ENV = "EDGEFLEET_HOME"
 DEFAULT_HOME = Path("~/.edgefleet")

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.link import TlsFiles
+from agent.broker_address import TlsFiles
 from fleet.broker import MosquittoBroker, free_port, wait_for_port
 
 
@@ -43,7 +43,7 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 @pytest.fixture(scope="session")
 def example_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Build (once per session and variant) the project's real digits models; returns the variant's folder."""
-    from fleet.modelgen import build_example
+    from fleet.examples.modelgen import build_example
 
     root = Path(os.environ["EDGEFLEET_TEST_MODELS"]) if "EDGEFLEET_TEST_MODELS" in os.environ else None
     root = root or tmp_path_factory.mktemp("models")

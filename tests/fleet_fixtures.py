@@ -20,11 +20,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from securesystemslib.signer import Signer
 
-from agent.link import BrokerAddress
+from agent.broker_address import BrokerAddress
 from agent.protocol import DEFAULT_PREFIX, Kind, topic
-from fleet.director import sign_desired
-from fleet.repo_server import RepoServer
-from fleet.repository import ReleaseInfo, Repository
+from fleet.trust.director import sign_desired
+from fleet.trust.repo_server import RepoServer
+from fleet.trust.repository import ReleaseInfo, Repository
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

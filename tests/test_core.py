@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from agent import runtime
+from agent.broker_address import BrokerAddress
 from agent.config import AgentConfig, ModelConfig
 from agent.core import AgentCore
-from agent.link import BrokerAddress
 from agent.reactor import Reactor
-from fleet.modelgen import digits_split
+from fleet.examples.modelgen import digits_split
 
 
 def make_core(tmp_path: Path, folder: Path, card: Path | None = None) -> AgentCore:

@@ -20,10 +20,10 @@ from click.testing import CliRunner, Result
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
-from agent.link import BrokerAddress
+from agent.broker_address import BrokerAddress
 from agent.protocol import Kind
 from fleet.cli import main
-from fleet.store import Reject, Store
+from fleet.store.sqlite import Reject, Store
 
 BOOT = "c" * 32
 FLEET = Path(sys.executable).parent / "fleet"

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
-from agent.link import BrokerAddress, TlsFiles
+from agent.broker_address import BrokerAddress, TlsFiles
 from agent.protocol import Kind
 from fleet.broker import MosquittoBroker
-from fleet.ingest import Ingest
-from fleet.store import Store
+from fleet.ingest.mqtt import Ingest
+from fleet.store.sqlite import Store
 
 BOOT_A = "a" * 32
 BOOT_B = "b" * 32

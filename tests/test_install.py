@@ -28,15 +28,15 @@ import pytest
 from fleet_fixtures import EventTap, Fleet, deliver, new_device_id, retained_birth, tiny_tmpfs, wait_for
 from securesystemslib.signer import CryptoSigner
 
+from agent.broker_address import BrokerAddress
 from agent.config import AgentConfig, ModelConfig, UpdateConfig
 from agent.core import AgentCore
-from agent.install import FAULT_KILL_AT, ProbationLimits
-from agent.link import BrokerAddress
 from agent.reactor import Reactor
-from agent.smoke import FAULT_SMOKE, run_smoke_test
 from agent.telemetry import WindowAggregator
+from agent.update.install import FAULT_KILL_AT, ProbationLimits
+from agent.update.smoke import FAULT_SMOKE, run_smoke_test
 from fleet.broker import MosquittoBroker, free_port
-from fleet.repository import ReleaseInfo
+from fleet.trust.repository import ReleaseInfo
 
 DAY = 86400.0
 INSTALL_STATES = ["DOWNLOADING", "VERIFYING", "STAGED", "SMOKE_TEST", "ACTIVATING", "PROBATION", "COMMITTED"]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from agent.runtime import InferenceFailed, Model, load_model
 from fleet.cli import main as fleet
-from fleet.modelgen import VARIANTS, build_example, digits_split, feature_histogram
+from fleet.examples.modelgen import VARIANTS, build_example, digits_split, feature_histogram
 
 FILES = ("float.onnx", "int8.onnx", "int8.tflite")
 ModelDir = Callable[[str], Path]

@@ -15,7 +15,7 @@ import pytest
 
 from agent.server import connect as server_connect
 from fleet.broker import free_port, wait_for_port
-from fleet.modelgen import digits_split
+from fleet.examples.modelgen import digits_split
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -33,13 +33,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import agent.config
 from agent import protocol
-from agent.desired import DesiredStateError, load_director_key, verify_desired
-from agent.link import BrokerAddress
+from agent.broker_address import BrokerAddress
 from agent.protocol import Kind
+from agent.update.desired import DesiredStateError, load_director_key, verify_desired
 from fleet.broker import MosquittoBroker
 from fleet.cli import main
-from fleet.repository import ExpiryPolicy, Repository
-from fleet.store import MIGRATIONS, SCHEMA_VERSION, Store, audit_hash
+from fleet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store, audit_hash
+from fleet.trust.repository import ExpiryPolicy, Repository
 
 FLEET = Path(sys.executable).parent / "fleet"
 BOOT = "d" * 32

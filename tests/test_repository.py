@@ -22,11 +22,11 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
-from agent.desired import DesiredStateError, load_director_key, verify_desired
-from fleet.director import sign_desired
-from fleet.keys import KeyStore
-from fleet.repo_server import RepoServer
-from fleet.repository import ExpiryPolicy, ReleaseError, Repository, RepositoryError
+from agent.update.desired import DesiredStateError, load_director_key, verify_desired
+from fleet.trust.director import sign_desired
+from fleet.trust.keys import KeyStore
+from fleet.trust.repo_server import RepoServer
+from fleet.trust.repository import ExpiryPolicy, ReleaseError, Repository, RepositoryError
 
 NOW = 1_800_000_000.0
 

@@ -33,9 +33,9 @@ from agent.runtime import (
     load_model,
     runtime_names,
 )
-from fleet import tflite_export
-from fleet.modelgen import digits_split
-from fleet.tflite_export import int8_mlp
+from fleet.examples import tflite_export
+from fleet.examples.modelgen import digits_split
+from fleet.examples.tflite_export import int8_mlp
 
 FILES = ("float.onnx", "int8.onnx", "int8.tflite")
 ModelDir = Callable[[str], Path]

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.broker_address import BrokerAddress
 from agent.config import AgentConfig, ApiConfig, ConfigError, ModelConfig, load
 from agent.core import AgentCore
-from agent.link import BrokerAddress
 from agent.reactor import Reactor
 from agent.runtime import Model
 from agent.server import ApiServer, connect
 from fleet.broker import MosquittoBroker
-from fleet.modelgen import digits_split
+from fleet.examples.modelgen import digits_split
 
 RELEASE = "digits:1.0.0"
 

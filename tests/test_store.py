@@ -13,7 +13,7 @@ import sqlite_utils
 
 from agent import protocol
 from agent.protocol import Kind
-from fleet.store import MIGRATIONS, SCHEMA_VERSION, Store
+from fleet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store
 
 BOOT = "c" * 32
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.link import TlsFiles
+from agent.broker_address import TlsFiles
 from firmware_sim.simulator import SimSettings, Simulation
 from fleet.broker import MosquittoBroker
-from fleet.ingest import Ingest
-from fleet.store import Store
+from fleet.ingest.mqtt import Ingest
+from fleet.store.sqlite import Store
 
 
 @pytest.fixture

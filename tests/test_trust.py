@@ -1,8 +1,9 @@
 """The device side of releases: every attack on the two-key rule, one test each, against real signed metadata.
 
-A real repository (``fleet.repository``) signed with python-tuf, the project's digits models, the repository
-served over HTTP on loopback (``fleet.repo_server``, with handler subclasses for cuts and slow drips), and the
-device's ngclient-based :class:`agent.updater.ReleaseFetcher` and :func:`agent.desired.verify_desired`. Attackers
+A real repository (``fleet.trust.repository``) signed with python-tuf, the project's digits models, the repository
+served over HTTP on loopback (``fleet.trust.repo_server``, with handler subclasses for cuts and slow drips), and the
+device's ngclient-based :class:`agent.update.tuf_client.ReleaseFetcher` and
+:func:`agent.update.desired.verify_desired`. Attackers
 forge metadata with the keys they are assumed to hold (usually the online ones) or with keys of their own.
 """
 
@@ -28,18 +29,13 @@ from fleet_fixtures import tiny_tmpfs
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Key, Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
-from agent.desired import (
-    DesiredModel,
-    DesiredStateError,
-    canonical_json,
-    load_director_key,
-    verify_desired,
-)
+from agent.canonical import canonical_json
 from agent.protocol import SCHEMA_VERSION
-from agent.updater import ReleaseFetcher, TrustError, VerifiedTarget
-from fleet.director import sign_desired
-from fleet.repo_server import RepoRequestHandler, RepoServer
-from fleet.repository import ReleaseInfo, Repository
+from agent.update.desired import DesiredModel, DesiredStateError, load_director_key, verify_desired
+from agent.update.tuf_client import ReleaseFetcher, TrustError, VerifiedTarget
+from fleet.trust.director import sign_desired
+from fleet.trust.repo_server import RepoRequestHandler, RepoServer
+from fleet.trust.repository import ReleaseInfo, Repository
 
 DAY = 86400.0
 RUNTIMES = ("onnxruntime", "tflite")
@@ -352,8 +348,8 @@ def test_a_file_size_limit_fails_the_download_as_disk_full(fleet: Fleet, tmp_pat
     script = """
 import json, resource, signal, sys
 from pathlib import Path
-from agent.desired import DesiredModel
-from agent.updater import ReleaseFetcher, TrustError
+from agent.update.desired import DesiredModel
+from agent.update.tuf_client import ReleaseFetcher, TrustError
 a = json.loads(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))

@@ -16,9 +16,9 @@ from test_ingest import Publisher, birth, event_message, wait_for, window
 from agent import protocol
 from agent.protocol import Kind
 from fleet.broker import MosquittoBroker
-from fleet.ingest import Ingest
-from fleet.store import Store
-from fleet.workers import TelemetryWorkers, WorkerSpec
+from fleet.ingest.mqtt import Ingest
+from fleet.ingest.workers import TelemetryWorkers, WorkerSpec
+from fleet.store.sqlite import Store
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from agent import protocol
-from agent.desired import DesiredStateError
-from agent.link import TlsFiles
+from agent.broker_address import TlsFiles
+from agent.update.desired import DesiredStateError
 from fleet.assign import DesiredPublisher, PublishError, assign, desired_entry, incompatible, release_ref
 from fleet.cli.devices import Duration, release_of
 from fleet.cli.release import ReleaseRef, release_error
@@ -33,9 +33,9 @@ from fleet.cli.serve import (
     running_serve,
     validate_broker,
 )
-from fleet.director import sign_desired
-from fleet.repository import ReleaseError
-from fleet.store import iso
+from fleet.store.sqlite import iso
+from fleet.trust.director import sign_desired
+from fleet.trust.repository import ReleaseError
 
 
 def _device_ids(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> Sequence[str]:

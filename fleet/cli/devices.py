@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent import protocol
-from agent.desired import parse_target_path
+from agent.targets import parse_target_path
 from fleet.cli.serve import NotFound, echo_json, home_option, json_option, open_store
 
 _RELATIVE_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

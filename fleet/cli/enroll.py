@@ -21,9 +21,11 @@ from urllib.parse import urlsplit
 import click
 
 from agent import protocol
-from agent.desired import load_director_key, safe_component, strict_json
+from agent.broker_address import BrokerAddress
+from agent.canonical import strict_json
 from agent.files import PUBLIC_FILE_MODE, write_atomic
-from agent.link import BrokerAddress
+from agent.targets import safe_component
+from agent.update.desired import load_director_key
 from fleet.cli.serve import (
     actor,
     echo_json,
@@ -34,7 +36,7 @@ from fleet.cli.serve import (
     running_serve,
     validate_broker,
 )
-from fleet.repository import Repository
+from fleet.trust.repository import Repository
 
 _DIR_MODE = 0o755
 DEFAULT_STATE_DIR = "/var/lib/edge-agent"

@@ -10,7 +10,7 @@ from typing import Any
 import click
 import numpy as np
 
-from fleet.modelgen import VARIANTS
+from fleet.examples.modelgen import VARIANTS
 
 
 @click.group()
@@ -37,7 +37,7 @@ def example(out_dir: Path, variant: str, seed: int, as_json: bool) -> None:
     Variants: good (the reference), better (a second good version), inaccurate (trained on shuffled labels),
     slow (accurate, far more work per row), broken (loads, then fails every inference). Progress goes to stderr.
     """
-    from fleet.modelgen import build_example
+    from fleet.examples.modelgen import build_example
 
     started = time.perf_counter()
     try:
@@ -74,7 +74,7 @@ def run(model_file: Path, samples: int | None, seed: int | None, threads: int, a
     the model cannot be loaded or fails at inference.
     """
     from agent.runtime import RuntimeLayerError, load_model
-    from fleet.modelgen import digits_split
+    from fleet.examples.modelgen import digits_split
 
     if seed is None:
         seed = _card_seed(model_file.parent / "card.json")

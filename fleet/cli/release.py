@@ -16,11 +16,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from agent.desired import strict_json
+from agent.canonical import strict_json
 from agent.runtime import RuntimeLayerError, RuntimeNotInstalled, load_model
-from agent.updater import RUNTIME_BY_SUFFIX
+from agent.targets import RUNTIME_BY_SUFFIX
 from fleet.cli.serve import NotFound, actor, echo_json, home_option, json_option, open_repository, open_store
-from fleet.repository import ReleaseError, Repository, RepositoryError
+from fleet.trust.repository import ReleaseError, Repository, RepositoryError
 
 T = TypeVar("T")
 

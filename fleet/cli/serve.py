@@ -26,16 +26,16 @@ import click
 from tuf.api.metadata import Metadata, Root
 
 from agent import logs, protocol
+from agent.broker_address import BrokerAddress, TlsFiles
 from agent.files import write_atomic
-from agent.link import BrokerAddress, TlsFiles
 from agent.logs import event
 from fleet.broker import AmqttBroker, embedded_broker
 from fleet.home import HOME_ENV, Home, init_home, resolve_home
-from fleet.ingest import Ingest
-from fleet.repo_server import RepoServer
-from fleet.repository import Repository, RepositoryError
-from fleet.store import SCHEMA_VERSION, Store
-from fleet.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec, retire
+from fleet.ingest.mqtt import Ingest
+from fleet.ingest.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec, retire
+from fleet.store.sqlite import SCHEMA_VERSION, Store
+from fleet.trust.repo_server import RepoServer
+from fleet.trust.repository import Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ _KEY_PLACEMENT = {
 
 
 def _key_files(home: Path) -> dict[str, list[str]]:
-    """Each role's key files (``<role>-<n>.pem``, as :class:`fleet.keys.KeyStore` names them)."""
+    """Each role's key files (``<role>-<n>.pem``, as :class:`fleet.trust.keys.KeyStore` names them)."""
     return {role: sorted(str(p) for p in (home / "keys").glob(f"{role}-*.pem")) for role in _KEY_PLACEMENT}
 
 

@@ -56,7 +56,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
 from agent.protocol import Kind
-from fleet.workers import DEFAULT_INGEST_WORKERS
+from fleet.ingest.workers import DEFAULT_INGEST_WORKERS
 
 TARGET_RATIO = 0.7
 #: mosquitto drops QoS 1 messages for an offline session beyond this (``MosquittoBroker``'s config).
@@ -84,7 +84,7 @@ def make_payloads(models: Path, devices: int, total: int, rows: int, bodies: int
     from agent.health import HealthSampler
     from agent.runtime import load_model
     from agent.telemetry import WindowAggregator
-    from fleet.modelgen import digits_split
+    from fleet.examples.modelgen import digits_split
 
     card = json.loads((models / "card.json").read_text())
     edges = card["drift"]["edges"]
@@ -271,9 +271,9 @@ class IngestSubscriber:
     """
 
     def __init__(self, url: str, client_id: str, db: Path, workers: int) -> None:
-        from fleet.ingest import Ingest
-        from fleet.store import Store
-        from fleet.workers import TelemetryWorkers, WorkerSpec
+        from fleet.ingest.mqtt import Ingest
+        from fleet.ingest.workers import TelemetryWorkers, WorkerSpec
+        from fleet.store.sqlite import Store
 
         self.store = Store(db)
         kinds = (Kind.STATUS, Kind.EVENTS) if workers else protocol.DEVICE_PUBLISHED
@@ -540,7 +540,7 @@ def _components_main(path: str, conn: Connection) -> None:
     """Single-threaded costs of the ingest's stages in a fresh process, µs per window, best of three passes:
     decoding a payload, and storing decoded windows with their payloads in batches of 100 into a fresh store (as
     the ingest does, at most a batch of decoded windows is alive at a time)."""
-    from fleet.store import Store
+    from fleet.store.sqlite import Store
 
     with open(path, "rb") as f:
         sample: list[Message] = pickle.load(f)
@@ -724,7 +724,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ingest-") as tmp:
         models = args.models
         if models is None:
-            from fleet.modelgen import build_example
+            from fleet.examples.modelgen import build_example
 
             say("building the good digits example ...")
             models = Path(tmp) / "good"

@@ -97,7 +97,7 @@ def _per_call(fn: Callable[[np.ndarray], Any], x: np.ndarray, calls: int) -> flo
 
 def latency(models: Path, blocks: int) -> list[dict[str, Any]]:
     from agent.runtime import load_model
-    from fleet.modelgen import digits_split
+    from fleet.examples.modelgen import digits_split
 
     x_all = digits_split(0)[1]
     rows = []
@@ -201,7 +201,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
         models = args.models
         if models is None:
-            from fleet.modelgen import build_example
+            from fleet.examples.modelgen import build_example
 
             models = Path(tmp) / "good"
             build_example(models, "good")

@@ -153,8 +153,8 @@ def lag_stats(db: Path, arrivals: dict[tuple[str, str, int], float]) -> dict[str
 
 def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
     from fleet.broker import MosquittoBroker
-    from fleet.ingest import Ingest
-    from fleet.store import Store
+    from fleet.ingest.mqtt import Ingest
+    from fleet.store.sqlite import Store
 
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     result: dict[str, Any] = {"machine": benchinfo.machine(), "settings": settings}
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
     if args.models:
         (model_root / f"good-{args.seed}").symlink_to(args.models.resolve())
     else:
-        from fleet.modelgen import build_example
+        from fleet.examples.modelgen import build_example
 
         say("building the good digits example ...")
         build_example(model_root / f"good-{args.seed}", "good", seed=args.seed)

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent import protocol
+from agent.broker_address import BrokerAddress
 from agent.config import AgentConfig, ModelConfig
 from agent.core import DRAIN_INTERVAL_S, AgentCore
-from agent.link import BrokerAddress
 from agent.reactor import Reactor
-from fleet.modelgen import build_example, digits_split
+from fleet.examples.modelgen import build_example, digits_split
 
 
 def per_call_us(fn: Callable[..., object], args: tuple[object, ...], calls: int) -> tuple[float, float]:

@@ -31,19 +31,19 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import runtime
+from agent.broker_address import BrokerAddress
 from agent.config import AgentConfig, ModelConfig, UpdateConfig
 from agent.core import AgentCore
-from agent.desired import DesiredModel
-from agent.link import BrokerAddress
 from agent.protocol import DEFAULT_PREFIX, Kind, topic
 from agent.reactor import Reactor
-from agent.slots import file_problem
-from agent.updater import ReleaseFetcher
+from agent.update.desired import DesiredModel
+from agent.update.slots import file_problem
+from agent.update.tuf_client import ReleaseFetcher
 from fleet.broker import MosquittoBroker
-from fleet.director import sign_desired
-from fleet.modelgen import build_example
-from fleet.repo_server import RepoServer
-from fleet.repository import Repository
+from fleet.examples.modelgen import build_example
+from fleet.trust.director import sign_desired
+from fleet.trust.repo_server import RepoServer
+from fleet.trust.repository import Repository
 
 PHASES = (
     ("deliver", None, "DOWNLOADING"),

@@ -1,6 +1,6 @@
 """The fleet's TUF repository: model releases as signed targets, written with python-tuf's Metadata API.
 
-Layout under ``<home>/repo/`` (``fleet.repo_server`` serves ``metadata/`` and ``targets/`` only)::
+Layout under ``<home>/repo/`` (``fleet.trust.repo_server`` serves ``metadata/`` and ``targets/`` only)::
 
     config.json                        expiry policy and limits
     metadata/<N>.root.json             every root version: clients walk root rotations by version
@@ -15,7 +15,7 @@ renames timestamp.json into place: before that rename every client, and this cla
 it, the new one. On any error before it the new files are removed, so a failed change changes nothing. Changes are
 serialized with an flock on ``.lock``.
 
-Each target carries signed custom metadata, the facts a device decides on (read by ``agent.updater``)::
+Each target carries signed custom metadata, the facts a device decides on (read by ``agent.update.tuf_client``)::
 
     {"name", "version", "release", "min_release", "runtime", "hardware": {"machines": [...]}, "card": "<JSON text>"}
 
@@ -52,11 +52,11 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from agent.desired import canonical_json, parse_target_path, safe_component, strict_json, target_path
+from agent.canonical import canonical_json, strict_json
 from agent.files import PUBLIC_FILE_MODE, fsync_path, stage, write_atomic
 from agent.logs import event
-from agent.updater import RUNTIME_BY_SUFFIX
-from fleet.keys import KeyStore
+from agent.targets import RUNTIME_BY_SUFFIX, parse_target_path, safe_component, target_path
+from fleet.trust.keys import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ ALL_MACHINES = ("x86_64", "aarch64", "armv7l")
 _COPY_CHUNK = 1024 * 1024
 _ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 #: Repository files are public (everything in them is signed); any static server may read them.
-#: Card sections a device needs to install and watch a release (see fleet.modelgen for their content).
+#: Card sections a device needs to install and watch a release (see fleet.examples.modelgen for their content).
 CARD_SECTIONS = ("input", "output", "drift", "smoke_test", "provenance")
 
 
@@ -116,7 +116,7 @@ class ReleaseInfo:
         return self.release < self.min_release
 
     def desired_entry(self) -> dict[str, Any]:
-        """This release as one model of a desired state (``fleet.director.sign_desired``)."""
+        """This release as one model of a desired state (``fleet.trust.director.sign_desired``)."""
         return {"target": self.target, "release": self.release, "sha256": self.sha256, "length": self.length}
 
     def as_dict(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@ windows uses more than one core.
 
 One Python process stores 11,000-16,000 windows a second on the project's 2-core test machine, and the GIL keeps
 it on one core; two workers store about 28,000 (docs/performance.md). With workers, `fleet serve` keeps status and
-events in its own :class:`~fleet.ingest.Ingest` (a device's birth and last will must not be reordered, so they stay
+events in its own :class:`~fleet.ingest.mqtt.Ingest` (a device's birth and last will must not be reordered, so they stay
 on one subscription) and starts N processes, each an ``Ingest`` of telemetry only, on the MQTT shared subscription
 ``$share/<group>/<prefix>/+/telemetry``: the broker hands each window to one of them.
 
@@ -39,11 +39,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import logs, protocol
+from agent.broker_address import BrokerAddress, TlsFiles
 from agent.files import write_atomic
-from agent.link import BrokerAddress, TlsFiles
 from agent.logs import event
-from fleet.ingest import Ingest
-from fleet.store import Store
+from fleet.ingest.mqtt import Ingest
+from fleet.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,21 @@ The states and their transitions are :data:`TRANSITIONS`, and :meth:`Installer._
   resumable download (a file this device already holds intact is not fetched again).
 - VERIFYING: the file at rest is checked against the signed sha256 and length and put under its content name.
 - STAGED: it is the ``staged`` slot, with its signed card.
-- SMOKE_TEST: :mod:`agent.smoke` runs the card's signed samples in a child process.
+- SMOKE_TEST: :mod:`agent.update.smoke` runs the card's signed samples in a child process.
 - ACTIVATING: :meth:`AgentCore.activate` loads it and swaps it in; one transaction then makes it ``active``, the old
   active ``previous``, and enters PROBATION.
 - PROBATION: N inferences or T seconds healthy (:class:`ProbationLimits`: error rate, p95 latency) -> COMMITTED.
 - REVERTING: drop what was staged; if the failing release is active, put ``previous`` back (else the factory
   model). The outcome event is ``install_failed`` when the release never served, ``rolled_back`` when it did.
 
-Each state is persisted (:class:`agent.slots.SlotStore`) before its work begins. After a SIGKILL at any instant the
+Each state is persisted (:class:`~agent.update.slots.SlotStore`) before its work
+begins. After a SIGKILL at any instant the
 next start does :data:`ON_RESTART`, before any model is served and without the network; each start in the middle of
 an install counts as a restart (a clean stop does not), and at ``crash_loop_limit`` restarts the install is reverted
 instead, so a release that crashes the agent is undone even with no network.
 
 Desired state: :meth:`Installer.on_command` (reactor thread) verifies the director's signed state
-(:func:`agent.desired.verify_desired`, with the last accepted seq persisted) and hands the newest accepted one to
+(:func:`agent.update.desired.verify_desired`, with the last accepted seq persisted) and hands the newest accepted one to
 the worker thread, which reconciles each model against it, one install at a time. A newer accepted state
 supersedes the install under way at its next step (downloads and smoke tests finish or time out first).
 
@@ -56,20 +57,14 @@ from tuf.api.serialization import DeserializationError
 
 from agent import runtime
 from agent.config import ConfigError, ModelConfig, UpdateConfig
-from agent.desired import (
-    DesiredModel,
-    DesiredState,
-    DesiredStateError,
-    load_director_key,
-    parse_target_path,
-    verify_desired,
-)
 from agent.logs import event
 from agent.protocol import Kind
-from agent.slots import ModelSlots, SlotRecord, SlotStore, factory_record, file_problem, slot_problem
-from agent.smoke import run_smoke_test
+from agent.targets import parse_target_path
 from agent.telemetry import Totals
-from agent.updater import ReleaseFetcher, TrustError
+from agent.update.desired import DesiredModel, DesiredState, DesiredStateError, load_director_key, verify_desired
+from agent.update.slots import ModelSlots, SlotRecord, SlotStore, factory_record, file_problem, slot_problem
+from agent.update.smoke import run_smoke_test
+from agent.update.tuf_client import ReleaseFetcher, TrustError
 
 if TYPE_CHECKING:
     from agent.core import AgentCore, ServedModel

@@ -10,7 +10,7 @@ A slot is a :class:`SlotRecord` naming such files: release (``name:version``), T
 length of the model, runtime, the card's sha256 and the TUF target path. File paths are derived from the hashes,
 never stored, so a damaged state row cannot point the agent at some other file.
 
-:class:`SlotStore` keeps every model's slots together with its install state (:mod:`agent.install`) in one row of
+:class:`SlotStore` keeps every model's slots together with its install state (:mod:`agent.update.install`) in one row of
 a SQLite database (WAL, ``synchronous=FULL``): switching slots is one transaction, so a SIGKILL or a power cut
 leaves the old row or the new one, never half of a switch.
 
@@ -41,7 +41,7 @@ from typing import Any
 from agent.config import ModelConfig
 from agent.files import fsync_path
 from agent.logs import event
-from agent.updater import RUNTIME_BY_SUFFIX, SUFFIX_BY_RUNTIME
+from agent.targets import RUNTIME_BY_SUFFIX, SUFFIX_BY_RUNTIME
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """The smoke test of a staged release: load it in a child process, run the card's signed samples, judge here.
 
-The model runs in ``python -m agent.smoke``, so a release that crashes its runtime (segfault, abort), exits or hangs
-takes down a child, not the agent: the parent sees a signal, an exit code or its wall-clock timeout. The child loads
-the model, runs each signed sample as a one-row batch (after one warm-up) and prints the outputs and latencies as one
-JSON line. The parent, which never ran the model, decides: every output within ``atol`` of the card's expected
-outputs for this file, and the median single-row latency within ``latency_budget_ms``.
+The model runs in ``python -m agent.update.smoke``: a release that crashes its runtime (segfault, abort), exits or hangs
+takes down a child, not the agent: the parent sees a signal, an exit code or its wall-clock timeout. The child loads the
+model, runs each signed sample as a one-row batch (after one warm-up) and prints the outputs and latencies as one JSON
+line. The parent, which never ran the model, decides: every output within ``atol`` of the card's expected outputs for
+this file, and the median single-row latency within ``latency_budget_ms``.
 
-The card's ``smoke_test`` (see ``fleet.modelgen``)::
+The card's ``smoke_test`` (see ``fleet.examples.modelgen``)::
 
     {"inputs": [[...], ...], "expected": {"<file name>": {"probabilities": [[...], ...]}, ...},
      "atol": 0.05, "latency_budget_ms": 50.0}
@@ -84,7 +84,7 @@ def run_smoke_test(model: Path, runtime: str, card: Mapping[str, Any], file_name
     request = json.dumps({"model": str(model), "runtime": runtime, "inputs": plan.inputs})
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "agent.smoke"],
+            [sys.executable, "-m", "agent.update.smoke"],
             input=request,
             capture_output=True,
             text=True,

@@ -5,7 +5,7 @@ Roles are TUF's plus the director:
 - ``root`` (N keys, a threshold of them signs root metadata) is an *offline* role: it is needed only to create or
   rotate root, so after ``init`` its PEM files belong on offline storage. Nothing else here reads them.
 - ``targets`` (release signing), ``snapshot`` and ``timestamp`` are online: publish, revoke and renewal use them.
-- ``director`` is online and signs each device's desired state; it is not a TUF role (see ``agent.desired``).
+- ``director`` is online and signs each device's desired state; it is not a TUF role (see ``agent.update.desired``).
 
 Private key material never leaves this module except to sign: callers, summaries and logs see key ids and public
 keys only.

@@ -1,6 +1,6 @@
 """Signed desired state: which release of each model this device should run, as the fleet's director says.
 
-TUF (see :mod:`agent.updater`) says which releases *exist*; the director says which one *this device* runs. The
+TUF (:mod:`agent.update.tuf_client`) says which releases *exist*; the director says which one *this device* runs. The
 device acts only when both agree (Uptane's rule), so a stolen online director key alone can install nothing that was
 not published, and a stolen release key alone can point no device at anything.
 
@@ -18,7 +18,6 @@ two sides cannot drift apart.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -29,7 +28,9 @@ from typing import Any
 from securesystemslib.exceptions import UnverifiedSignatureError
 from tuf.api.metadata import Key, Signature
 
+from agent.canonical import canonical_json, strict_json
 from agent.protocol import MAX_PAYLOAD_BYTES, SCHEMA_VERSION, ProtocolError, valid_device_id
+from agent.targets import parse_target_path, safe_component
 
 #: ``type`` inside ``signed``: a director signature over anything else is never read as a desired state.
 DESIRED_TYPE = "desired"
@@ -38,11 +39,6 @@ MAX_CLOCK_SKEW_S = 300.0
 MAX_MODELS = 64
 MAX_SIGNATURES = 8
 
-#: One path component of a release: model name, version or file name. It never starts with a dot, so ".", ".." and
-#: hidden files are impossible, and it never holds a separator.
-_COMPONENT_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,127}")
-#: Release target paths: ``models/<name>/<version>/<file>``.
-TARGET_PREFIX = "models"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CAMPAIGN_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
 _MAX_INT = 2**53
@@ -54,68 +50,6 @@ _MODEL_FIELDS = frozenset({"target", "release", "sha256", "length"})
 
 class DesiredStateError(ProtocolError):
     """A desired state this device must not act on. ``reason`` is stable (a counter key), e.g. ``bad_signature``."""
-
-
-def safe_component(text: str) -> bool:
-    """True if ``text`` can be a model name, version or file name: ``[A-Za-z0-9_.+-]``, not starting with a dot."""
-    return bool(_COMPONENT_RE.fullmatch(text))
-
-
-def target_path(name: str, version: str, filename: str) -> str:
-    """The TUF target path of a release file; raises ``ValueError`` unless every component is safe."""
-    for part in (name, version, filename):
-        if not safe_component(part):
-            raise ValueError(f"unsafe release path component {part!r}")
-    return f"{TARGET_PREFIX}/{name}/{version}/{filename}"
-
-
-def parse_target_path(path: str) -> tuple[str, str, str]:
-    """Split ``models/<name>/<version>/<file>`` into its parts; raises ``ValueError`` for anything else."""
-    parts = path.split("/")
-    if len(parts) != 4 or parts[0] != TARGET_PREFIX or not all(safe_component(p) for p in parts[1:]):
-        raise ValueError(f"not a release target path: {path[:300]!r}")
-    return parts[1], parts[2], parts[3]
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The bytes the director signs and the device verifies: sorted keys, no spaces, ASCII only, no NaN.
-
-    TUF's canonical JSON cannot encode floats (``issued``/``expires`` are floats), so this is plain ``json`` with
-    every degree of freedom pinned. Python writes floats as their shortest round-trip repr, so parse-then-encode
-    reproduces the signed bytes exactly.
-    """
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"non-standard number {token}")
-
-
-def _finite_float(token: str) -> float:
-    value = float(token)
-    if not math.isfinite(value):  # 1e999 parses to inf, which canonical_json cannot encode
-        raise ValueError(f"number out of range {token[:40]}")
-    return value
-
-
-def strict_json(data: bytes | str) -> Any:
-    """Parse JSON refusing duplicate keys and NaN/Infinity: two parsers must never read one document two ways.
-
-    Raises ``ValueError`` for anything else (JSON and Unicode errors are ValueErrors; deep nesting is turned into one).
-    """
-    try:
-        return json.loads(
-            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
-        )
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
 
 
 def _parse(data: bytes) -> Any:

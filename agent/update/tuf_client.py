@@ -1,6 +1,6 @@
 """Releases through TUF: the repository's half of the two-key rule, and bounded, resumable downloads.
 
-The director (:mod:`agent.desired`) names a target; this module accepts it only if the fleet's TUF repository, as
+The director (:mod:`agent.update.desired`) names a target; this module accepts it only if the fleet's TUF repository, as
 python-tuf's ngclient verifies it from the root this device was enrolled with, lists the same target. In order:
 
 1. :meth:`ReleaseFetcher.refresh` runs ngclient's top-level update (root -> timestamp -> snapshot -> targets):
@@ -45,15 +45,13 @@ from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import __version__
-from agent.desired import DesiredModel, parse_target_path, strict_json
+from agent.canonical import strict_json
 from agent.files import fsync_path
 from agent.logs import event
+from agent.targets import SUFFIX_BY_RUNTIME, parse_target_path
+from agent.update.desired import DesiredModel
 
 log = logging.getLogger(__name__)
-
-#: The runtime a release needs, by model file suffix. The fleet sets it at publish; the device names files by it.
-RUNTIME_BY_SUFFIX: Mapping[str, str] = {".onnx": "onnxruntime", ".tflite": "tflite"}
-SUFFIX_BY_RUNTIME: Mapping[str, str] = {runtime: suffix for suffix, runtime in RUNTIME_BY_SUFFIX.items()}
 
 _CHUNK = 64 * 1024
 _USER_AGENT = f"edgefleet-agent/{__version__}"
@@ -309,7 +307,7 @@ def _pin_reference_time(updater: Updater, now: float) -> None:
 
 
 def _release_metadata(info: TargetFile, name: str, version: str) -> dict[str, Any]:
-    """Read the fleet's signed custom metadata of one target (see ``fleet.repository``), strictly."""
+    """Read the fleet's signed custom metadata of one target (see ``fleet.trust.repository``), strictly."""
     custom = info.custom
     expected = {"name": str, "version": str, "release": int, "min_release": int, "runtime": str, "hardware": dict}
     if not isinstance(custom, dict):

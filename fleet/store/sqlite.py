@@ -33,7 +33,7 @@ import msgspec
 import sqlite_utils
 
 from agent import protocol
-from agent.desired import canonical_json
+from agent.canonical import canonical_json
 from agent.telemetry import merge_windows
 
 #: A window's histograms and health: schema v1-v2 stored them as JSON text columns, v3 keeps them in ``payload``.

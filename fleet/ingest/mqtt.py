@@ -31,9 +31,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import protocol
-from agent.link import BrokerAddress, TlsFiles
+from agent.broker_address import BrokerAddress, TlsFiles
 from agent.logs import event
-from fleet.store import Reject, Store
+from fleet.store.sqlite import Reject, Store
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Ingest:
     With no ``kinds`` it takes nothing new and stores what its persistent session still holds.
 
     With ``share``, the subscriptions are MQTT shared subscriptions (``$share/<share>/...``): several ingests in one
-    group (each its own process, see :mod:`fleet.workers`) split the messages between them, each message going to
+    group (each its own process, see :mod:`fleet.ingest.workers`) split the messages between them, each message going to
     one.
     """
 
@@ -190,7 +190,7 @@ class Ingest:
         # The session keeps the subscription, but a broker that lost its state would not: subscribe every time. A
         # session from a run that took other kinds (or took them unshared) drops those filters, or it would keep
         # receiving copies of what the telemetry workers store.
-        # No kinds: take nothing new, store what the session still holds (a retired worker's, see fleet.workers).
+        # No kinds: take nothing new, store what the session still holds (a retired worker's, see fleet.ingest.workers).
         taken = [self.filter(kind) for kind in self.kinds]
         if taken:
             client.subscribe([(f, 1) for f in taken])

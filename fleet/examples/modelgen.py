@@ -7,7 +7,8 @@ digits (nothing is downloaded), exports it three ways and writes a model card:
 - ``float.onnx``: the float network (Gemm, Relu, Softmax), dynamic batch.
 - ``int8.onnx``: the same, statically quantized by ``onnxruntime.quantization`` (QDQ, per-tensor int8,
   MinMax-calibrated on the training rows).
-- ``int8.tflite``: the same network as int8 FULLY_CONNECTED layers and an int8 SOFTMAX (:mod:`fleet.tflite_export`).
+- ``int8.tflite``: the same network as int8 FULLY_CONNECTED layers and an int8 SOFTMAX
+  (:mod:`fleet.examples.tflite_export`).
 - ``card.json``: schemas, per-file accuracy on held-out digits, the drift reference, a smoke test and provenance.
 
 Contract of every file: input float32 ``[batch, 64]`` = the 8x8 pixels / 16 (so 0..1), output float32
@@ -151,7 +152,7 @@ def build_example(
         "variant": variant,
         "version": recipe.version,
         "summary": recipe.summary,
-        "created_by": {"tool": "fleet.modelgen", "edgefleet": __version__},
+        "created_by": {"tool": "fleet.examples.modelgen", "edgefleet": __version__},
         "labels": [str(c) for c in range(CLASSES)],
         "input": {
             "name": INPUT_NAME,
@@ -223,7 +224,7 @@ def _train(recipe: _Recipe, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
 
 
 def _export(out_dir: Path, clf: Any, calibration: np.ndarray, *, broken: bool) -> None:
-    from fleet.tflite_export import int8_mlp
+    from fleet.examples.tflite_export import int8_mlp
 
     float_model = _onnx_mlp(clf.coefs_, clf.intercepts_)
     int8_model = _quantize(float_model, calibration)

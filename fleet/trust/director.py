@@ -1,7 +1,8 @@
 """The director: signs which release each device should run (its *desired state*), with an online key.
 
 The envelope is ``{"signed": {...}, "signatures": [{"keyid", "sig"}]}``, the signature taken over
-``agent.desired.canonical_json(signed)``. Devices verify it with ``agent.desired.verify_desired``; the fleet runs the
+``agent.canonical.canonical_json(signed)``. Devices verify it with
+``agent.update.desired.verify_desired``; the fleet runs the
 device's own field checks before signing, so it never signs a state a device would reject as malformed. A director
 signature alone installs nothing: the device also requires TUF's targets metadata to list the same target.
 """
@@ -13,8 +14,9 @@ from typing import Any
 
 from securesystemslib.signer import Signer
 
-from agent.desired import DESIRED_TYPE, DesiredStateError, canonical_json, check_signed
+from agent.canonical import canonical_json
 from agent.protocol import MAX_PAYLOAD_BYTES, SCHEMA_VERSION
+from agent.update.desired import DESIRED_TYPE, DesiredStateError, check_signed
 
 
 def sign_desired(

@@ -1,0 +1,1 @@
+"""The fleet manager's state."""
