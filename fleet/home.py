@@ -6,10 +6,15 @@ signing keys later, hence owner-only permissions.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from agent.files import write_atomic
 from fleet.store.sqlite import Store
 
 HOME_ENV = "EDGEFLEET_HOME"
@@ -62,3 +67,41 @@ def init_home(path: str | Path) -> Home:
     home.db.chmod(_FILE_MODE)
     Store(home.db).close()  # creates or migrates the schema
     return Home(root, tuple(created))
+
+
+# What `fleet serve` leaves in the home while it runs: where it can be reached, so other commands need no flags.
+
+
+def serve_file(home: Path) -> Path:
+    return home / "serve.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's process
+    return True
+
+
+def running_serve(home: Path | None) -> dict[str, Any] | None:
+    """What the `fleet serve` running on this home recorded (broker, repo, prefix, pid), or None if none runs."""
+    path = serve_file(resolve_home(home))
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info.get("pid"), int) and _alive(info["pid"]) else None
+
+
+@contextlib.contextmanager
+def serve_record(home: Path, info: dict[str, Any]) -> Iterator[None]:
+    """Write serve.json (owner-only, atomically) for as long as the block runs."""
+    path = serve_file(home)
+    write_atomic(path, json.dumps(info, indent=1).encode(), mode=0o600, durable=False)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -18,21 +18,21 @@ from agent import protocol
 from agent.broker_address import TlsFiles
 from agent.update.desired import DesiredStateError
 from fleet.assign import DesiredPublisher, PublishError, assign, desired_entry, incompatible, release_ref
-from fleet.cli.devices import Duration, release_of
-from fleet.cli.release import ReleaseRef, release_error
-from fleet.cli.serve import (
-    F,
+from fleet.cli.common import (
+    Duration,
     NotFound,
+    ReleaseRef,
     actor,
+    broker_options,
+    broker_settings,
     echo_json,
-    existing_file,
     home_option,
     json_option,
     open_repository,
     open_store,
-    running_serve,
-    validate_broker,
+    release_of,
 )
+from fleet.cli.release import release_error
 from fleet.store.sqlite import iso
 from fleet.trust.director import sign_desired
 from fleet.trust.repository import ReleaseError
@@ -43,40 +43,6 @@ def _device_ids(ctx: click.Context, param: click.Parameter, value: Sequence[str]
         if not protocol.valid_device_id(device_id):
             raise click.BadParameter(f"{device_id!r} is not a device id ({protocol.DEVICE_ID_PATTERN})")
     return value
-
-
-def broker_settings(
-    home: Path | None, broker_url: str | None, prefix: str | None, tls: TlsFiles
-) -> tuple[str, str, TlsFiles]:
-    """Broker URL, prefix and TLS files: the options given, else what the running `fleet serve` recorded."""
-    running = running_serve(home) or {}
-    url = broker_url or running.get("broker")
-    if url is None:
-        raise click.ClickException("no broker: start `fleet serve` on this home, or pass --broker URL")
-    if tls == TlsFiles() and broker_url is None:
-        tls = TlsFiles(**{k: Path(v) for k, v in running.get("tls", {}).items()})
-    return url, prefix or running.get("prefix") or protocol.DEFAULT_PREFIX, tls
-
-
-def broker_options(f: F) -> F:
-    """--broker, --prefix and the mqtts:// files, for commands that reach devices through the broker."""
-    for option in reversed(
-        (
-            click.option(
-                "--broker",
-                "broker_url",
-                metavar="URL",
-                callback=validate_broker,
-                help="mqtt://HOST:PORT or mqtts://HOST:PORT. [default: the broker of the running `fleet serve`]",
-            ),
-            click.option("--prefix", help="Topic prefix. [default: the running `fleet serve`'s, else edgefleet/v1]"),
-            click.option("--ca", type=existing_file, help="CA certificate for mqtts://."),
-            click.option("--cert", type=existing_file, help="Client certificate for mqtts://."),
-            click.option("--key", type=existing_file, help="Client key for mqtts://."),
-        )
-    ):
-        f = option(f)
-    return f
 
 
 @click.command("assign")

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from fleet.cli.serve import echo_json, home_option, json_option, open_store
+from fleet.cli.common import echo_json, home_option, json_option, open_store
 
 
 @click.command()

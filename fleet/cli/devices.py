@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,56 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent import protocol
-from agent.targets import parse_target_path
-from fleet.cli.serve import NotFound, echo_json, home_option, json_option, open_store
-
-_RELATIVE_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def span_seconds(text: str) -> float | None:
-    """Seconds in a span like 30s, 10m, 2h, 1d, 1w; None if the text is not one."""
-    match = _RELATIVE_RE.fullmatch(text.strip())
-    return float(match[1]) * _UNIT_S[match[2]] if match else None
-
-
-class Duration(click.ParamType):
-    """A span of time: 30s, 10m, 2h, 1d, 1w."""
-
-    name = "DURATION"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
-        seconds = span_seconds(str(value))
-        if not seconds:
-            self.fail(f"{value!r} is not a span like 30m, 12h, 7d", param, ctx)
-        return seconds
-
-
-class TimeSpec(click.ParamType):
-    """A point in time: ISO 8601 (UTC unless it names a zone) or an age like 30s, 10m, 2h, 1d, 1w."""
-
-    name = "TIME"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
-        text = str(value).strip()
-        age = span_seconds(text)
-        if age is not None:
-            return time.time() - age
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            self.fail(f"{text!r} is neither ISO 8601 nor an age like 10m, 2h, 1d", param, ctx)
-        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def release_of(entry: dict[str, Any]) -> str:
-    """A desired-state model entry as the "name:version" devices report."""
-    name, version, _ = parse_target_path(entry["target"])
-    return f"{name}:{version}"
+from fleet.cli.common import NotFound, TimeSpec, echo_json, home_option, json_option, open_store, release_of
 
 
 def latency_quantile(buckets: Sequence[int], q: float) -> float | None:

@@ -26,7 +26,7 @@ from agent.canonical import strict_json
 from agent.files import PUBLIC_FILE_MODE, write_atomic
 from agent.targets import safe_component
 from agent.update.desired import load_director_key
-from fleet.cli.serve import (
+from fleet.cli.common import (
     actor,
     echo_json,
     home_option,

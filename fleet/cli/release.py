@@ -19,7 +19,16 @@ from rich.table import Table
 from agent.canonical import strict_json
 from agent.runtime import RuntimeLayerError, RuntimeNotInstalled, load_model
 from agent.targets import RUNTIME_BY_SUFFIX
-from fleet.cli.serve import NotFound, actor, echo_json, home_option, json_option, open_repository, open_store
+from fleet.cli.common import (
+    NotFound,
+    ReleaseRef,
+    actor,
+    echo_json,
+    home_option,
+    json_option,
+    open_repository,
+    open_store,
+)
 from fleet.trust.repository import ReleaseError, Repository, RepositoryError
 
 T = TypeVar("T")
@@ -38,20 +47,6 @@ _FIXES = {
     "card_mismatch": "the card lists another sha256 for this file: pass the card made with this model file",
     "bad_hardware": "pass machine names like aarch64, armv7l, x86_64",
 }
-
-
-class ReleaseRef(click.ParamType):
-    """A release as NAME:VERSION."""
-
-    name = "NAME:VERSION"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
-        if isinstance(value, tuple):
-            return value
-        model, sep, version = str(value).partition(":")
-        if not (model and sep and version):
-            self.fail(f"{value!r} is not NAME:VERSION (for example digits:1.0.0)", param, ctx)
-        return model, version
 
 
 def release_error(exc: ReleaseError) -> click.ClickException:

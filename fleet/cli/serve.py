@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import os
-import pwd
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 from tuf.api.metadata import Metadata, Root
 
 from agent import logs, protocol
-from agent.broker_address import BrokerAddress, TlsFiles
-from agent.files import write_atomic
+from agent.broker_address import TlsFiles
 from agent.logs import event
 from fleet.broker import AmqttBroker, embedded_broker
-from fleet.home import HOME_ENV, Home, init_home, resolve_home
+from fleet.cli.common import echo_json, existing_file, home_option, json_option, validate_broker
+from fleet.home import init_home, resolve_home, running_serve, serve_record
 from fleet.ingest.mqtt import Ingest
 from fleet.ingest.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec, retire
 from fleet.store.sqlite import SCHEMA_VERSION, Store
@@ -39,62 +35,10 @@ from fleet.trust.repository import Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
-EXIT_NOT_FOUND = 3
 #: How long `serve` waits for the ingest to subscribe before announcing the broker anyway (and retrying).
 _READY_TIMEOUT_S = 10.0
 #: How often `serve` checks its telemetry workers, restarting any that died.
 _SUPERVISE_S = 1.0
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class NotFound(click.ClickException):
-    """A device (or other named thing) that the fleet does not know: exit code 3."""
-
-    exit_code = EXIT_NOT_FOUND
-
-
-def home_option(f: F) -> F:
-    return click.option(
-        "--home",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help=f"Fleet home folder. [default: ${HOME_ENV}, else ~/.edgefleet]",
-    )(f)
-
-
-def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a human view.")(f)
-
-
-def echo_json(value: Any) -> None:
-    """One JSON document on one line: histograms stay compact, and `jq` pretty-prints when a person reads it."""
-    click.echo(json.dumps(value, sort_keys=True, separators=(",", ":")))
-
-
-def open_store(home: Path | None) -> Store:
-    """The store of an existing home. Read commands never create a fleet as a side effect of a typo in --home."""
-    db = Home(resolve_home(home)).db
-    if not db.exists():
-        raise click.ClickException(f"no fleet database at {db}; run `fleet init` or `fleet serve` first")
-    return Store(db)
-
-
-def open_repository(home: Path | None) -> Repository:
-    """The TUF repository of an existing home."""
-    try:
-        return Repository(resolve_home(home))
-    except RepositoryError as exc:
-        raise click.ClickException(f"{exc} (`fleet init`)") from None
-
-
-def actor() -> str:
-    """Who runs this command, for the audit log: the OS user (the fleet has no accounts of its own)."""
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid:{os.geteuid()}"
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Keys and repository
@@ -212,41 +156,6 @@ def _given(params: tuple[str, ...]) -> bool:
 # What `fleet serve` leaves in the home while it runs
 
 
-def _serve_file(home: Path) -> Path:
-    return home / "serve.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, as another user's process
-    return True
-
-
-def running_serve(home: Path | None) -> dict[str, Any] | None:
-    """What the `fleet serve` running on this home recorded (broker, repo, prefix, pid), or None if none runs."""
-    path = _serve_file(resolve_home(home))
-    try:
-        info: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info.get("pid"), int) and _alive(info["pid"]) else None
-
-
-@contextlib.contextmanager
-def _serve_record(home: Path, info: dict[str, Any]) -> Iterator[None]:
-    """Write serve.json (owner-only, atomically) for as long as the block runs."""
-    path = _serve_file(home)
-    write_atomic(path, json.dumps(info, indent=1).encode(), mode=0o600, durable=False)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Keeping the online metadata fresh
 
@@ -270,18 +179,6 @@ def _renew_loop(repo: Repository, stop: threading.Event) -> None:
             event(log, "metadata_renewal_failed", logging.ERROR, error=repr(exc)[:300])
         if stop.wait(period):
             return
-
-
-def validate_broker(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None:
-        try:
-            BrokerAddress.parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return value
-
-
-existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.command()
@@ -425,7 +322,7 @@ def serve(
             event(log, "broker_unreachable", logging.WARNING, broker=broker_url, retrying=True)
         tls = {name: str(path.resolve()) for name, path in (("ca", ca), ("cert", cert), ("key", key)) if path}
         info = {"pid": os.getpid(), "broker": broker_url, "repo": repo_server.url, "prefix": prefix, "tls": tls}
-        running_parts.enter_context(_serve_record(root, info))
+        running_parts.enter_context(serve_record(root, info))
         click.echo(f"broker: {broker_url}")  # click.echo flushes: a script can read the line right away
         click.echo(f"repo: {repo_server.url}")
         event(log, "serve_started", home=str(made.root), broker=broker_url, repo=repo_server.url, prefix=prefix)
