@@ -2,7 +2,8 @@
 
 Each carries a stable ``reason`` (tests and scripts key on it), a ``detail`` saying what was wrong and a ``fix`` saying
 what to do. The CLI prints ``error: <detail>; <fix>`` on one line and exits with :attr:`FleetError.exit_code`: 1 for
-a refusal or failure, 3 for something that does not exist. Usage errors (2) stay click's.
+a refusal or failure, 2 for a request that cannot succeed as given (as click does for usage errors), 3 for
+something that does not exist.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from agent.errors import EdgefleetError
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 
 
@@ -36,3 +38,9 @@ class NotFound(FleetError):
 
 class StoreUnavailable(FleetError):
     """The store cannot be read or written right now (locked too long, disk full, read-only, corrupt)."""
+
+
+class Invalid(FleetError):
+    """A request that cannot succeed as given (a bad argument): exit code 2, as for click's usage errors."""
+
+    exit_code = EXIT_USAGE

@@ -22,6 +22,8 @@ from securesystemslib.signer import Signer
 
 from agent.broker_address import BrokerAddress
 from agent.protocol import DEFAULT_PREFIX, Kind, topic
+from fleet import views
+from fleet.store import Store
 from fleet.trust.director import sign_desired
 from fleet.trust.repo_server import RepoServer
 from fleet.trust.repository import ReleaseInfo, Repository
@@ -35,6 +37,12 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
     return value
+
+
+def device_view(store: Store, device_id: str) -> dict[str, Any] | None:
+    """A device as `fleet devices show --json` prints it (no desired state), or None if the fleet does not know it."""
+    detail = store.device(device_id)
+    return None if detail is None else views.device_detail_json(detail, None)
 
 
 def new_device_id(prefix: str = "dev") -> str:

@@ -23,7 +23,8 @@ from agent import protocol
 from agent.broker_address import BrokerAddress
 from agent.protocol import Kind
 from fleet.cli import main
-from fleet.store.sqlite import Reject, Store
+from fleet.store import open_store
+from fleet.store.rows import Reject
 
 BOOT = "c" * 32
 FLEET = Path(sys.executable).parent / "fleet"
@@ -86,7 +87,7 @@ def home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
     assert fleet("init", "--home", str(home)).exit_code == 0
     now = time.time()
-    store = Store(home / "fleet.db")
+    store = open_store(home / "fleet.db")
     store.write_batch(
         status=[birth("pi-1"), birth("pi-2"), protocol.offline_status("pi-2", BOOT, "connection_lost")],
         windows=[
@@ -185,7 +186,7 @@ def test_serve_runs_an_embedded_broker_stores_what_devices_publish_and_exits_cle
         url = line.removeprefix("broker: ")
         telemetry = window("pi-9", 5, 1.7e9, latency_bucket=3, classes=[4])
         _publish(url, [("pi-9", Kind.STATUS, birth("pi-9")), ("pi-9", Kind.TELEMETRY, telemetry)])
-        store = Store(home / "fleet.db")
+        store = open_store(home / "fleet.db")
         wait_for(lambda: store.window_counts() == {"pi-9": 1}, "the window in the database")
         store.close()
         wait_for(lambda: "ingest_stats" in (tmp_path / "serve.log").read_text(), "a periodic stats line")

@@ -36,9 +36,12 @@ from agent import protocol
 from agent.broker_address import BrokerAddress
 from agent.protocol import Kind
 from agent.update.desired import DesiredStateError, load_director_key, verify_desired
+from fleet import views
 from fleet.broker import MosquittoBroker
 from fleet.cli import main
-from fleet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store, audit_hash
+from fleet.store import open_store
+from fleet.store.audit import audit_hash
+from fleet.store.schema import MIGRATIONS, SCHEMA_VERSION
 from fleet.trust.repository import ExpiryPolicy, Repository
 
 FLEET = Path(sys.executable).parent / "fleet"
@@ -219,10 +222,10 @@ def test_a_database_of_the_previous_schema_gains_the_audit_and_desired_tables(tm
     db["events"].insert({"device_id": "pi-1", "boot_id": BOOT, "seq": 0, "ts": 1.0, "type": "install_committed",
                          "model": "digits", "detail": '{"release":"digits:1"}', "received_at": 1.0})  # fmt: skip
     db.close()
-    store = Store(tmp_path / "fleet.db")
+    store = open_store(tmp_path / "fleet.db")
     try:
         assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert store.last_install("pi-1") == {
+        assert views.install_json(store.last_install("pi-1")) == {
             "type": "install_committed", "model": "digits", "release": "digits:1", "reason": None,
             "desired_seq": None, "ts": "1970-01-01T00:00:01.000Z",
         }  # fmt: skip
@@ -259,7 +262,7 @@ def test_publishing_two_versions_counts_releases_and_list_and_show_describe_them
     assert shown["target"] == "models/digits/1.1.0/int8.tflite"
     human = fleet("release", "list", "--home", home).stdout
     assert "digits:1.0.0" in human and "digits:1.1.0" in human
-    audit = ok_json("audit", "--home", home)
+    audit = ok_json("audit", "--home", home)["entries"]
     assert [(a["action"], a["subject"], a["detail"]["release"]) for a in audit] == [
         ("publish", "digits:1.0.0", 1),
         ("publish", "digits:1.1.0", 2),
@@ -282,6 +285,17 @@ def _corrupt(digits: Path, tmp: Path, home: Path) -> list[str | Path]:
     return [tmp / "corrupt" / "int8.onnx", "--name", "digits", "--version", "2.0.0"]
 
 
+def test_a_corrupt_model_is_refused_in_one_line_with_one_fix(home: Path, digits: Path, tmp_path: Path) -> None:
+    result = fleet("release", "publish", *_corrupt(digits, tmp_path, home), "--home", home)
+
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output  # no log line repeating it
+    assert lines[0].startswith("Error: ") and "does not load with onnxruntime: " in lines[0]
+    assert lines[0].endswith("; export the model again. Nothing was changed.")
+    assert "download the release again" not in lines[0]  # the device's fix, not the publisher's
+
+
 def _unknown_format(digits: Path, tmp: Path, home: Path) -> list[str | Path]:
     shutil.copy(digits / "int8.onnx", tmp / "model.pt")
     return [tmp / "model.pt", "--name", "digits", "--version", "2.0.0", "--card", digits / "card.json"]
@@ -302,7 +316,7 @@ def _missing_key(digits: Path, tmp: Path, home: Path) -> list[str | Path]:
     ("make", "says"),
     [
         pytest.param(_duplicate, "publish under a new --version", id="duplicate-version"),
-        pytest.param(_corrupt, "does not load with onnxruntime; export the model again", id="corrupt-model"),
+        pytest.param(_corrupt, "does not load with onnxruntime: ", id="corrupt-model"),
         pytest.param(_unknown_format, "export the model as .onnx or .tflite", id="unknown-extension"),
         pytest.param(_missing_card, "pass --card PATH", id="missing-card"),
         pytest.param(_missing_key, "restore the key file from your backup", id="missing-key"),
@@ -314,14 +328,14 @@ def test_a_refused_publish_names_the_fix_exits_1_and_changes_nothing(
     publish(home, digits / "int8.onnx", "digits:1.0.0")
     args = make(digits, tmp_path, home)
     before = repo_files(home)
-    audit_before = ok_json("audit", "--home", home)
+    audit_before = ok_json("audit", "--home", home)["entries"]
 
     result = fleet("release", "publish", *args, "--home", home)
 
     assert result.exit_code == 1, result.output
     assert says in result.output
     assert repo_files(home) == before
-    assert ok_json("audit", "--home", home) == audit_before
+    assert ok_json("audit", "--home", home)["entries"] == audit_before
 
 
 def test_unknown_releases_exit_3_and_malformed_references_are_usage_errors(published: Path) -> None:
@@ -347,7 +361,7 @@ def test_revoke_raises_min_release_and_a_second_revoke_changes_nothing(published
 
     again = ok_json("release", "revoke", "digits:1.0.0", "--home", published)
     assert again["changed"] is False
-    assert [a["action"] for a in ok_json("audit", "--home", published)].count("revoke") == 1
+    assert [a["action"] for a in ok_json("audit", "--home", published)["entries"]].count("revoke") == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,6 +370,7 @@ def test_revoke_raises_min_release_and_a_second_revoke_changes_nothing(published
 
 def test_the_audit_chain_verifies_and_finds_an_edited_or_removed_row(published: Path) -> None:
     ok_json("release", "revoke", "digits:1.0.0", "--home", published)
+    assert ok_json("audit", "--home", published)["verify"] is None  # the same shape, with or without --verify
     check = ok_json("audit", "--verify", "--home", published)["verify"]
     assert (check["ok"], check["rows"], check["bad_id"]) == (True, 4, None)
     assert "chain verified: 4 rows" in fleet("audit", "--verify", "--home", published).stdout
@@ -370,7 +385,7 @@ def test_the_audit_chain_verifies_and_finds_an_edited_or_removed_row(published: 
     tampered = fleet("audit", "--verify", "--json", "--home", published)
     assert tampered.exit_code == 1
     assert json.loads(tampered.stdout)["verify"] == {
-        "ok": False, "rows": 1, "head": ok_json("audit", "--home", published)[0]["hash"], "bad_id": 2,
+        "ok": False, "rows": 1, "head": ok_json("audit", "--home", published)["entries"][0]["hash"], "bad_id": 2,
         "problem": "its content does not match its hash",
     }  # fmt: skip
     assert "audit chain broken at row 2" in tampered.output
@@ -404,7 +419,7 @@ def test_assign_publishes_retained_signed_state_that_the_device_verifies_and_seq
     digits_1 = repo.release("digits", "1.0.0")
 
     first = ok_json("assign", pi_a, pi_b, "--release", "digits:1.0.0", "--campaign", "wave-1", "--expires", "2h",
-                    "--broker", broker.url, "--home", published)  # fmt: skip
+                    "--allow-unknown", "--broker", broker.url, "--home", published)  # fmt: skip
     assert [(s["device_id"], s["seq"], s["releases"]) for s in first] == [
         (pi_a, 1, {"digits": "digits:1.0.0"}),
         (pi_b, 1, {"digits": "digits:1.0.0"}),
@@ -423,8 +438,8 @@ def test_assign_publishes_retained_signed_state_that_the_device_verifies_and_seq
     assert wrong.value.reason == "wrong_device"
 
     # Another model joins; then digits moves on while `other` stays.
-    ok_json("assign", pi_a, "--release", "other:1", "--broker", broker.url, "--home", published)
-    ok_json("assign", pi_a, "--release", "digits:1.1.0", "--broker", broker.url, "--home", published)
+    ok_json("assign", pi_a, "--release", "other:1", "--allow-unknown", "--broker", broker.url, "--home", published)
+    ok_json("assign", pi_a, "--release", "digits:1.1.0", "--allow-unknown", "--broker", broker.url, "--home", published)
     latest = verify_desired(desired_payload(broker.url, pi_a).payload, director, pi_a, last_seq=2, now=time.time())
     assert latest.seq == 3
     assert {name: m.version for name, m in latest.models.items()} == {"digits": "1.1.0", "other": "1"}
@@ -434,7 +449,7 @@ def test_assign_publishes_retained_signed_state_that_the_device_verifies_and_seq
     assert (shown["seq"], shown["releases"]) == (3, {"digits": "digits:1.1.0", "other": "other:1"})
     assert ok_json("desired", pi_b, "--home", published)["seq"] == 1
     assigned = [(a["subject"], a["detail"]["seq"], a["detail"]["release"])
-                for a in ok_json("audit", "--home", published) if a["action"] == "assign"]  # fmt: skip
+                for a in ok_json("audit", "--home", published)["entries"] if a["action"] == "assign"]  # fmt: skip
     assert assigned == [(pi_a, 1, "digits:1.0.0"), (pi_b, 1, "digits:1.0.0"), (pi_a, 2, "other:1"),
                         (pi_a, 3, "digits:1.1.0")]  # fmt: skip
 
@@ -451,7 +466,7 @@ def test_assign_of_an_unknown_release_exits_3_and_publishes_nothing(published: P
     finally:
         sub.close()
     assert fleet("desired", device, "--home", published).exit_code == 3
-    assert "assign" not in [a["action"] for a in ok_json("audit", "--home", published)]
+    assert "assign" not in [a["action"] for a in ok_json("audit", "--home", published)["entries"]]
 
 
 def test_assign_refuses_revoked_releases_devices_that_cannot_run_them_and_bad_input(
@@ -459,23 +474,25 @@ def test_assign_refuses_revoked_releases_devices_that_cannot_run_them_and_bad_in
 ) -> None:
     ok_json("release", "revoke", "digits:1.0.0", "--home", published)
     riscv = device_name("pi-riscv")
-    store = Store(published / "fleet.db")
+    store = open_store(published / "fleet.db")
     store.write_batch(status=[birth(riscv, {"digits": "digits:1.1.0"}, machine="riscv64")])
     store.close()
     cases = [
         (["pi-1", "--release", "digits:1.0.0"], 1, "is revoked"),
         ([riscv, "--release", "digits:1.1.0"], 1, f"{riscv} is riscv64"),
         (["no/such", "--release", "digits:1.1.0"], 2, "is not a device id"),
-        (["pi-1", "--release", "digits:1.1.0", "--campaign", "has space"], 2, "would be refused by devices"),
+        (["pi-1", "--release", "digits:1.1.0"], 1, "never enrolled nor heard from pi-1"),
+        (["pi-1", "--allow-unknown", "--release", "digits:1.1.0", "--campaign", "has space"], 2,
+         "would be refused by devices"),
         (["pi-1", "--release", "digits:1.1.0", "--expires", "soon"], 2, "is not a span"),
     ]
     for args, code, says in cases:
         result = fleet("assign", *args, "--broker", broker.url, "--home", published)
         assert (result.exit_code, says in result.output) == (code, True), (args, result.output)
-    no_broker = fleet("assign", "pi-1", "--release", "digits:1.1.0", "--home", published)
+    no_broker = fleet("assign", "pi-1", "--allow-unknown", "--release", "digits:1.1.0", "--home", published)
     assert no_broker.exit_code == 1
     assert "start `fleet serve`" in no_broker.output
-    assert "assign" not in [a["action"] for a in ok_json("audit", "--home", published)]
+    assert "assign" not in [a["action"] for a in ok_json("audit", "--home", published)["entries"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -593,7 +610,8 @@ def test_enroll_writes_a_bundle_for_the_running_fleet_that_the_agent_loads(
     refused = fleet("enroll", "pi-e1", "--out", out, "--home", served.home)
     assert refused.exit_code == 1 and "--force" in refused.output
     assert fleet("enroll", "bad id", "--out", tmp_path / "x", "--home", served.home).exit_code == 2
-    assert ("enroll", "pi-e1") in [(a["action"], a["subject"]) for a in ok_json("audit", "--home", served.home)]
+    entries = ok_json("audit", "--home", served.home)["entries"]
+    assert ("enroll", "pi-e1") in [(a["action"], a["subject"]) for a in entries]
 
     config = agent.config.load(out / "agent.toml")
     assert (config.device_id, config.broker.url, config.state_dir) == ("pi-e1", served.broker, tmp_path / "state")
@@ -609,7 +627,7 @@ def test_assign_reaches_the_device_through_the_running_serve_and_devices_show_re
     served: Served,
 ) -> None:
     device = device_name("pi-s")
-    assigned = ok_json("assign", device, "--release", "digits:1.0.0", "--home", served.home)  # no --broker
+    assigned = ok_json("assign", device, "--release", "digits:1.0.0", "--allow-unknown", "--home", served.home)
     assert assigned[0]["seq"] == 1
     director = load_director_key(Repository(served.home).keys.public_key_json("director"))
     verify_desired(desired_payload(served.broker, device).payload, director, device, last_seq=0, now=time.time())

@@ -10,17 +10,20 @@ from typing import Any
 
 import pytest
 import sqlite_utils
+from fleet_fixtures import device_view
 
 from agent import protocol
 from agent.protocol import Kind
-from fleet.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store
+from fleet import views
+from fleet.store import Store, open_store
+from fleet.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 BOOT = "c" * 32
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "fleet.db")
+    s = open_store(tmp_path / "fleet.db")
     yield s
     s.close()
 
@@ -59,7 +62,7 @@ def test_a_window_is_kept_as_the_bytes_it_came_in_and_read_back_as_sent(store: S
 
     kept = store.db.execute("SELECT payload FROM windows ORDER BY seq").fetchall()
     assert [row[0] for row in kept] == wire
-    stored = store.telemetry("pi-1")["windows"]
+    stored = store.telemetry("pi-1").windows
     for field in HISTOGRAMS:
         assert [w[field] for w in stored] == [w[field] for w in sent]
     assert "feedback" not in stored[0]
@@ -69,7 +72,7 @@ def test_a_window_is_kept_as_the_bytes_it_came_in_and_read_back_as_sent(store: S
 def test_windows_written_without_their_wire_bytes_are_encoded_by_the_store(store: Store) -> None:
     sent = window("pi-1", 0)
     store.write_batch(windows=[sent])
-    assert {f: store.telemetry("pi-1")["windows"][0][f] for f in HISTOGRAMS} == {f: sent[f] for f in HISTOGRAMS}
+    assert {f: store.telemetry("pi-1").windows[0][f] for f in HISTOGRAMS} == {f: sent[f] for f in HISTOGRAMS}
 
 
 def test_a_v2_database_keeps_every_window_when_it_moves_to_wire_payloads(tmp_path: Path) -> None:
@@ -85,11 +88,11 @@ def test_a_v2_database_keeps_every_window_when_it_moves_to_wire_payloads(tmp_pat
                                "received_at": 1.7e9, **json_columns})  # fmt: skip
     old.close()
 
-    migrated = Store(path)
+    migrated = open_store(path)
     try:
         assert migrated.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert migrated.window_counts() == {"pi-1": 2, "pi-2": 1}
-        stored = [*migrated.telemetry("pi-1")["windows"], *migrated.telemetry("pi-2")["windows"]]
+        stored = [*migrated.telemetry("pi-1").windows, *migrated.telemetry("pi-2").windows]
     finally:
         migrated.close()
     for field in (*HISTOGRAMS, "device_id", "seq", "count"):
@@ -102,7 +105,7 @@ def test_a_window_registers_its_device_offline_and_later_ones_only_move_last_see
     store.write_batch(windows=[window("pi-1", 1), window("pi-1", 0)], received_at=2000.0)  # seq 0 is a copy
     store.write_batch(windows=[window("pi-2", 1)], received_at=1500.0)  # a late batch never moves the clock back
 
-    devices = {d["device_id"]: d for d in store.devices()}
+    devices = {d.device_id: views.device_json(d) for d in store.devices()}
     assert {d: (v["online"], v["boot_id"], v["windows"]) for d, v in devices.items()} == {
         "pi-1": (False, BOOT, 2),
         "pi-2": (False, BOOT, 2),
@@ -121,7 +124,7 @@ def test_event_details_and_birth_fields_round_trip_through_their_json_columns(st
     store.write_batch(status=[protocol.decode(Kind.STATUS, protocol.encode(Kind.STATUS, birth))])
     assert store.write_batch(events=[protocol.decode(Kind.EVENTS, protocol.encode(Kind.EVENTS, event))]) == 1
 
-    device = store.device("pi-1")
+    device = device_view(store, "pi-1")
     assert device is not None
     assert (device["hardware"], device["runtimes"], device["models"]) == (
         birth["hardware"],

@@ -5,19 +5,22 @@ from __future__ import annotations
 import click
 
 from agent import __version__, logs
-from fleet.cli import assign, audit, devices, enroll, model, release, serve
+from fleet.cli import assign, audit, devices, enroll, init, model, release, serve
+from fleet.cli.common import FleetGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleet")
 def main() -> None:
     """Manage a fleet of edge devices running quantized ML models."""
-    logs.setup("WARNING")  # one JSON line per event on stderr; `fleet serve --log-level` raises the verbosity
+    # One JSON line per event on stderr, errors only: a command's own message says what went wrong, once.
+    # `fleet serve --log-level` sets the service's verbosity.
+    logs.setup("ERROR")
 
 
 def _attach() -> None:
     main.add_command(model.model)
-    main.add_command(serve.init)
+    main.add_command(init.init)
     main.add_command(serve.serve)
     main.add_command(devices.devices)
     main.add_command(devices.telemetry)

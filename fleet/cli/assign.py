@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -16,11 +15,9 @@ from rich.table import Table
 
 from agent import protocol
 from agent.broker_address import TlsFiles
-from agent.update.desired import DesiredStateError
-from fleet.assign import DesiredPublisher, PublishError, assign, desired_entry, incompatible, release_ref
+from fleet import views
 from fleet.cli.common import (
     Duration,
-    NotFound,
     ReleaseRef,
     actor,
     broker_options,
@@ -30,12 +27,9 @@ from fleet.cli.common import (
     json_option,
     open_repository,
     open_store,
-    release_of,
 )
-from fleet.cli.release import release_error
-from fleet.store.sqlite import iso
-from fleet.trust.director import sign_desired
-from fleet.trust.repository import ReleaseError
+from fleet.errors import NotFound
+from fleet.ops import assign as ops_assign
 
 
 def _device_ids(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> Sequence[str]:
@@ -64,6 +58,11 @@ def _device_ids(ctx: click.Context, param: click.Parameter, value: Sequence[str]
     show_default=True,
     help="Seconds to wait for the broker to connect and to acknowledge each device's state.",
 )
+@click.option(
+    "--allow-unknown",
+    is_flag=True,
+    help="Pre-provision: also sign for devices the fleet never enrolled nor heard from (their state waits retained).",
+)
 @broker_options
 @home_option
 @json_option
@@ -79,6 +78,7 @@ def assign_command(
     cert: Path | None,
     key: Path | None,
     home: Path | None,
+    allow_unknown: bool,
     as_json: bool,
 ) -> None:
     """Tell each DEVICE to run release NAME:VERSION: sign its desired state with the director key and publish it
@@ -88,51 +88,25 @@ def assign_command(
     waits on the broker for devices that are offline. Exit 3 if the release is unknown and 1 if it is revoked, does
     not fit a device, or the broker does not acknowledge; nothing is published for a refused release.
     """
-    with contextlib.closing(open_store(home)) as store:
-        repo = open_repository(home)
-        try:
-            release = repo.release(*ref)
-        except ReleaseError as exc:
-            raise release_error(exc) from None
-        if release["revoked"]:
-            raise click.ClickException(
-                f"{release_ref(release)} is revoked (min_release {release['min_release']}): devices refuse it; "
-                "publish a new version and assign that"
-            )
-        problems = incompatible(store, device_ids, release)
-        if problems:
-            raise click.ClickException("; ".join(problems) + ". Nothing was published")
-        try:
-            signer = repo.keys.signer("director")
-        except (FileNotFoundError, PermissionError) as exc:
-            raise click.ClickException(f"{exc}: restore keys/director-1.pem from your backup") from None
-        try:  # the device's own checks, before anything is recorded or published
-            models = {release["name"]: desired_entry(release)}
-            sign_desired(signer, device_ids[0], 1, models, campaign, 1.0, 1.0 + ttl_s)
-        except DesiredStateError as exc:
-            raise click.UsageError(f"this desired state would be refused by devices: {exc}") from None
-        url, prefix, tls = broker_settings(home, broker_url, prefix, TlsFiles(ca, cert, key))
-        done: list[dict[str, Any]] = []
-        try:
-            with DesiredPublisher(url, tls, timeout) as publisher:
-                done.extend(
-                    assign(store, signer, publisher, device_ids, release, campaign=campaign, ttl_s=ttl_s,
-                           actor=actor(), prefix=prefix)
-                )  # fmt: skip
-        except PublishError as exc:
-            assigned = ", ".join(d["device_id"] for d in done) or "none"
-            raise click.ClickException(f"{exc}; devices assigned before this: {assigned}. Run assign again") from None
+    connect, prefix = broker_settings(home, broker_url, prefix, TlsFiles(ca, cert, key), timeout)
+    with contextlib.closing(open_store(home, write=True)) as store:
+        done = ops_assign.assign(
+            store,
+            open_repository(home),
+            connect,
+            device_ids,
+            *ref,
+            actor=actor(),
+            campaign=campaign,
+            ttl_s=ttl_s,
+            allow_unknown=allow_unknown,
+            prefix=prefix,
+        )
     if as_json:
-        echo_json([_state_view(d) for d in done])
+        echo_json([views.desired_json(d, recorded=False) for d in done])
         return
     for d in done:
-        click.echo(f"{d['device_id']}: seq {d['seq']} -> {release_ref(release)}")
-
-
-def _state_view(state: dict[str, Any]) -> dict[str, Any]:
-    """A desired state for output: ISO times, and each model's release as "name:version" beside its entry."""
-    times = {k: iso(v) if isinstance(v, float) else v for k, v in state.items() if k in ("issued", "expires")}
-    return {**state, **times, "releases": {name: release_of(entry) for name, entry in state["models"].items()}}
+        click.echo(f"{d.device_id}: seq {d.seq} -> {ref[0]}:{ref[1]}")
 
 
 @click.command()
@@ -147,8 +121,8 @@ def desired(device_id: str, home: Path | None, as_json: bool) -> None:
     with contextlib.closing(open_store(home)) as store:
         state = store.desired(device_id)
     if state is None:
-        raise NotFound(f"no desired state published for {device_id!r}: see `fleet assign`")
-    view = _state_view(state)
+        raise NotFound("no_desired_state", f"no desired state published for {device_id!r}", "see `fleet assign`")
+    view = views.desired_json(state)
     if as_json:
         echo_json(view)
         return

@@ -10,7 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from fleet import views
 from fleet.cli.common import echo_json, home_option, json_option, open_store
+from fleet.errors import FleetError
 
 
 @click.command()
@@ -22,26 +24,29 @@ def audit(verify: bool, home: Path | None, as_json: bool) -> None:
 
     With --verify, also walk the hash chain: each row's hash covers its content and the row before, so an edited,
     removed or reordered row is found. Keep the printed head hash elsewhere to also catch rows cut off the end.
+    --json prints {"entries": [...], "verify": null, or the check's ok, rows, head, bad_id and problem}.
     """
     with contextlib.closing(open_store(home)) as store:
-        rows = store.audit()
+        entries = store.audit()
         check = store.verify_audit() if verify else None
     if as_json:
-        if check is None:
-            echo_json(rows)
-        else:
-            verdict = {"ok": check.ok, "rows": check.rows, "head": check.head, "bad_id": check.bad_id}
-            echo_json({"entries": rows, "verify": {**verdict, "problem": check.problem}})
+        echo_json(
+            {
+                "entries": [views.audit_entry_json(e) for e in entries],
+                "verify": None if check is None else views.audit_check_json(check),
+            }
+        )
     else:
         table = Table("#", "ts (UTC)", "actor", "action", "subject", "detail")
-        for row in rows:
-            detail = json.dumps(row["detail"], separators=(",", ":"), sort_keys=True)
-            table.add_row(str(row["id"]), row["ts"], row["actor"], row["action"], row["subject"], detail)
+        for e in entries:
+            detail = json.dumps(e.detail, separators=(",", ":"), sort_keys=True)
+            table.add_row(str(e.id), views.iso(e.ts), e.actor, e.action, e.subject, detail)
         Console().print(table)
         if check is not None and check.ok:
             click.echo(f"chain verified: {check.rows} rows, head {check.head}")
     if check is not None and not check.ok:
-        raise click.ClickException(
-            f"audit chain broken at row {check.bad_id}: {check.problem}; the {check.rows} rows before it verify. "
-            "Restore the database from a backup and compare"
+        raise FleetError(
+            "audit_broken",
+            f"audit chain broken at row {check.bad_id}: {check.problem}; the {check.rows} rows before it verify",
+            "restore the database from a backup and compare",
         )

@@ -18,21 +18,32 @@ import click
 
 from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
-from agent.targets import parse_target_path
+from fleet.errors import FleetError, StoreUnavailable
 from fleet.home import HOME_ENV, Home, resolve_home, running_serve
-from fleet.store.sqlite import Store
-from fleet.trust.repository import Repository, RepositoryError
+from fleet.publisher import DesiredPublisher
+from fleet.store import Store
+from fleet.store import open_store as store_at
+from fleet.trust.repository import Repository
 
-EXIT_NOT_FOUND = 3
-
-EXIT_NOT_FOUND = 3
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class NotFound(click.ClickException):
-    """A device (or other named thing) that the fleet does not know: exit code 3."""
+class CommandError(click.ClickException):
+    """A library refusal as a CLI error: its one line (what was wrong; how to fix it) and its exit code."""
 
-    exit_code = EXIT_NOT_FOUND
+    def __init__(self, error: FleetError) -> None:
+        super().__init__(error.message())
+        self.exit_code = error.exit_code
+
+
+class FleetGroup(click.Group):
+    """A command group whose commands' :class:`FleetError` s end as one line and their exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetError as exc:
+            raise CommandError(exc) from None
 
 
 def home_option(f: F) -> F:
@@ -53,20 +64,27 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, sort_keys=True, separators=(",", ":")))
 
 
-def open_store(home: Path | None) -> Store:
-    """The store of an existing home. Read commands never create a fleet as a side effect of a typo in --home."""
+def open_store(home: Path | None, *, write: bool = False) -> Store:
+    """The store of an existing home: a typo in --home never creates a fleet.
+
+    Read commands (``write=False``) open the database read-only, so they work on a home they cannot write; only an
+    older schema, which must be migrated first, makes them open it for writing.
+    """
     db = Home(resolve_home(home)).db
     if not db.exists():
-        raise click.ClickException(f"no fleet database at {db}; run `fleet init` or `fleet serve` first")
-    return Store(db)
+        raise FleetError("no_fleet", f"no fleet database at {db}", "run `fleet init` or `fleet serve` first")
+    if not write:
+        try:
+            return store_at(db, read_only=True)
+        except StoreUnavailable as exc:
+            if exc.reason != "schema_mismatch":
+                raise
+    return store_at(db)
 
 
 def open_repository(home: Path | None) -> Repository:
     """The TUF repository of an existing home."""
-    try:
-        return Repository(resolve_home(home))
-    except RepositoryError as exc:
-        raise click.ClickException(f"{exc} (`fleet init`)") from None
+    return Repository(resolve_home(home))
 
 
 def actor() -> str:
@@ -132,12 +150,6 @@ class TimeSpec(click.ParamType):
         return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def release_of(entry: dict[str, Any]) -> str:
-    """A desired-state model entry as the "name:version" devices report."""
-    name, version, _ = parse_target_path(entry["target"])
-    return f"{name}:{version}"
-
-
 class ReleaseRef(click.ParamType):
     """A release as NAME:VERSION."""
 
@@ -153,16 +165,21 @@ class ReleaseRef(click.ParamType):
 
 
 def broker_settings(
-    home: Path | None, broker_url: str | None, prefix: str | None, tls: TlsFiles
-) -> tuple[str, str, TlsFiles]:
-    """Broker URL, prefix and TLS files: the options given, else what the running `fleet serve` recorded."""
+    home: Path | None, broker_url: str | None, prefix: str | None, tls: TlsFiles, timeout: float
+) -> tuple[Callable[[], DesiredPublisher], str]:
+    """How to reach devices: a connect function for the broker and the topic prefix, from the options given, else
+    from what the running `fleet serve` recorded. Connecting, not this, fails when nothing names a broker."""
     running = running_serve(home) or {}
     url = broker_url or running.get("broker")
-    if url is None:
-        raise click.ClickException("no broker: start `fleet serve` on this home, or pass --broker URL")
     if tls == TlsFiles() and broker_url is None:
         tls = TlsFiles(**{k: Path(v) for k, v in running.get("tls", {}).items()})
-    return url, prefix or running.get("prefix") or protocol.DEFAULT_PREFIX, tls
+
+    def connect() -> DesiredPublisher:
+        if url is None:
+            raise FleetError("no_broker", "no broker", "start `fleet serve` on this home, or pass --broker URL")
+        return DesiredPublisher(url, tls, timeout)
+
+    return connect, prefix or running.get("prefix") or protocol.DEFAULT_PREFIX
 
 
 def broker_options(f: F) -> F:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from agent import protocol
-from fleet.cli.common import NotFound, TimeSpec, echo_json, home_option, json_option, open_store, release_of
-
-
-def latency_quantile(buckets: Sequence[int], q: float) -> float | None:
-    """Upper edge (ms) of the latency bucket holding quantile q; inf if it is the overflow bucket, None if empty."""
-    total = sum(buckets)
-    if total == 0:
-        return None
-    cumulative = 0
-    for i, n in enumerate(buckets):
-        cumulative += n
-        if cumulative >= q * total:
-            return protocol.LATENCY_EDGES_MS[i] if i < len(protocol.LATENCY_EDGES_MS) else float("inf")
-    return float("inf")
+from agent.histograms import latency_quantile_ms
+from fleet import views
+from fleet.cli.common import TimeSpec, echo_json, home_option, json_option, open_store
+from fleet.errors import NotFound
 
 
 def _text(value: Any) -> str:
@@ -49,6 +38,10 @@ def _ms(value: float | None) -> str:
     return f"<= {value:g} ms"
 
 
+def _unknown(device_id: str) -> NotFound:
+    return NotFound("unknown_device", f"unknown device {device_id!r}", "see `fleet devices list`")
+
+
 @click.group()
 def devices() -> None:
     """The devices the fleet has heard from."""
@@ -64,10 +57,9 @@ def list_devices(home: Path | None, as_json: bool) -> None:
     each model runs (as its last birth message said).
     """
     with contextlib.closing(open_store(home)) as store:
-        rows = store.devices()
+        rows = [views.device_summary_json(d) for d in store.devices()]
     if as_json:
-        keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models", "releases")
-        echo_json([{k: row[k] for k in keys} for row in rows])
+        echo_json(rows)
         return
     table = Table("device", "online", "last seen (UTC)", "windows", "agent", "releases")
     for row in rows:
@@ -94,16 +86,11 @@ def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
     3 if unknown.
     """
     with contextlib.closing(open_store(home)) as store:
-        info = store.device(device_id)
+        detail = store.device(device_id)
         desired = store.desired(device_id)
-    if info is None:
-        raise NotFound(f"unknown device {device_id!r}")
-    info["desired"] = desired and {
-        "seq": desired["seq"],
-        "campaign": desired["campaign"],
-        "expires": desired["expires"],
-        "releases": {name: release_of(entry) for name, entry in desired["models"].items()},
-    }
+    if detail is None:
+        raise _unknown(device_id)
+    info = views.device_detail_json(detail, desired)
     if as_json:
         echo_json(info)
         return
@@ -151,8 +138,8 @@ def telemetry(
     """
     with contextlib.closing(open_store(home)) as store:
         if store.device(device_id) is None:
-            raise NotFound(f"unknown device {device_id!r}")
-        data = store.telemetry(device_id, model=model, since=since, until=until)
+            raise _unknown(device_id)
+        data = views.telemetry_json(store.telemetry(device_id, model=model, since=since, until=until))
     if as_json:
         echo_json(data)
         return
@@ -173,8 +160,8 @@ def _merged_view(group: dict[str, Any]) -> Table:
     table.add_row("inferences", str(count))
     table.add_row("errors", f"{group['errors']} ({rate})")
     table.add_row("dropped", str(group["dropped"]))
-    table.add_row("latency p50", _ms(latency_quantile(group["latency"], 0.5)))
-    table.add_row("latency p95", _ms(latency_quantile(group["latency"], 0.95)))
+    table.add_row("latency p50", _ms(latency_quantile_ms(group["latency"], 0.5)))
+    table.add_row("latency p95", _ms(latency_quantile_ms(group["latency"], 0.95)))
     classes = ", ".join(f"{i}: {n}" for i, n in enumerate(group["classes"]) if n)
     table.add_row("predicted classes", classes or "-")
     return table
@@ -189,7 +176,7 @@ def status(home: Path | None, as_json: bool) -> None:
     Devices online and offline, windows and events stored, rejected messages by reason.
     """
     with contextlib.closing(open_store(home)) as store:
-        summary = store.summary()
+        summary = views.summary_json(store.summary())
     if as_json:
         echo_json(summary)
         return

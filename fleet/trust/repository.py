@@ -56,6 +56,7 @@ from agent.canonical import canonical_json, strict_json
 from agent.files import PUBLIC_FILE_MODE, fsync_path, stage, write_atomic
 from agent.logs import event
 from agent.targets import RUNTIME_BY_SUFFIX, parse_target_path, safe_component, target_path
+from fleet.errors import FleetError, NotFound
 from fleet.trust.keys import KeyStore
 
 log = logging.getLogger(__name__)
@@ -70,17 +71,43 @@ _ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 CARD_SECTIONS = ("input", "output", "drift", "smoke_test", "provenance")
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(FleetError):
     """The repository is missing, already exists, or its files do not verify."""
 
+    def __init__(self, detail: str, fix: str = "") -> None:
+        super().__init__("repository", detail, fix)
 
-class ReleaseError(ValueError):
+
+#: How to fix each refused publish or revoke (``ReleaseError.reason``); the error's own detail says what was wrong.
+RELEASE_FIXES = {
+    "unknown_release": "see `fleet release list`",
+    "duplicate": "publish under a new --version; released versions never change",
+    "unsupported_runtime": "export the model as .onnx or .tflite",
+    "bad_filename": "rename the model file to letters, digits and _.+-",
+    "bad_file": "pass a regular model file",
+    "empty_file": "pass the real model file; this one is empty",
+    "too_large": "shrink the model, or raise max_target_bytes in <home>/repo/config.json",
+    "bad_name": "choose another --name",
+    "bad_version": "choose another --version",
+    "bad_card": "fix the card (it needs input, output, drift, smoke_test and provenance objects)",
+    "card_mismatch": "the card lists another sha256 for this file: pass the card made with this model file",
+    "bad_hardware": "pass machine names like aarch64, armv7l, x86_64",
+}
+
+
+class ReleaseError(FleetError, ValueError):
     """A publish or revoke that was refused; nothing was changed. ``reason`` is short and stable."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+        fix = RELEASE_FIXES.get(reason, "")
+        super().__init__(reason, detail, f"{fix}. Nothing was changed." if fix else "Nothing was changed.")
+
+
+class UnknownRelease(ReleaseError, NotFound):
+    """No release of that name and version was ever published."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__("unknown_release", f"unknown release {ref}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +198,7 @@ class Repository:
         try:
             config = strict_json((self.dir / "config.json").read_bytes())
         except FileNotFoundError:
-            raise RepositoryError(f"no repository in {self.home}: run init first") from None
+            raise RepositoryError(f"no repository in {self.home}", "run `fleet init`") from None
         self.expiry = ExpiryPolicy.from_dict(config["expiry"])
         self.max_target_bytes: int = config["max_target_bytes"]
 
@@ -328,7 +355,7 @@ class Repository:
         for target in state.targets.signed.targets.values():
             if (target.custom["name"], target.custom["version"]) == (name, version):
                 return target
-        raise ReleaseError("unknown_release", f"{name}:{version}")
+        raise UnknownRelease(f"{name}:{version}")
 
     # ----------------------------------------------------------------------------------------------------------
     # Changing
@@ -342,10 +369,12 @@ class Repository:
         *,
         hardware: Mapping[str, Any] | None = None,
         source_commit: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> ReleaseInfo:
         """Add ``models/<name>/<version>/<file>`` with its signed custom metadata; the new release is live on return.
 
         Inputs are checked before anything is written; ``hardware`` defaults to every supported machine.
+        ``progress(n)`` is called as each chunk of ``n`` bytes of the model is copied in (a progress bar).
         """
         model_file = Path(model_file)
         runtime, size = self._check_model_file(model_file)
@@ -365,7 +394,7 @@ class Repository:
                 raise ReleaseError("duplicate", f"{name}:{version} is already published")
             release = max((t.custom["release"] for t in model_targets), default=0) + 1
             floor = max((t.custom["min_release"] for t in model_targets), default=1)
-            stored, sha256, created = self._store_target(model_file, path, size)
+            stored, sha256, created = self._store_target(model_file, path, size, progress)
             try:
                 if described_sha256 not in (None, sha256):
                     raise ReleaseError("card_mismatch", f"the card describes another {model_file.name}")
@@ -488,7 +517,9 @@ class Repository:
             raise ReleaseError("too_large", f"{size} bytes > {self.max_target_bytes}")
         return runtime, size
 
-    def _store_target(self, model_file: Path, path: str, size: int) -> tuple[Path, str, list[Path]]:
+    def _store_target(
+        self, model_file: Path, path: str, size: int, progress: Callable[[int], None] | None = None
+    ) -> tuple[Path, str, list[Path]]:
         """Copy the model in, hashing the bytes as they are copied (what is signed is what is stored).
 
         Returns the stored file, its sha256 and the folders created for it (to remove on failure).
@@ -510,6 +541,8 @@ class Repository:
                         raise ReleaseError("bad_file", f"{model_file} grew while it was copied")
                     digest.update(chunk)
                     out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
             if copied != size:

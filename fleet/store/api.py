@@ -1,0 +1,97 @@
+"""The store's interface, one small protocol per concern. Code above the store (ops, ingest, views) depends on these,
+never on a backend; :func:`fleet.store.open_store` picks the backend from a URL.
+
+Every method raises :class:`fleet.errors.StoreUnavailable` when the backend cannot do it right now (locked too long,
+disk full, read-only, corrupt); nothing else of the backend (no ``sqlite3`` error) leaks out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from fleet.store.rows import (
+    AuditCheck,
+    AuditEntry,
+    DesiredRecord,
+    Device,
+    DeviceDetail,
+    InstallOutcome,
+    Reject,
+    Summary,
+    Telemetry,
+)
+
+
+class IngestWrites(Protocol):
+    """The ingest's hot path: validated messages in batches, one transaction each, duplicates absorbed."""
+
+    def write_batch(
+        self,
+        status: Sequence[Mapping[str, Any]] = (),
+        windows: Sequence[Mapping[str, Any]] = (),
+        events: Sequence[Mapping[str, Any]] = (),
+        rejects: Sequence[Reject] = (),
+        received_at: float | None = None,
+        payloads: Sequence[bytes] | None = None,
+    ) -> int: ...
+
+
+class Devices(Protocol):
+    """The device registry, as births, wills and messages left it."""
+
+    def devices(self) -> list[Device]: ...
+
+    def device(self, device_id: str) -> DeviceDetail | None: ...
+
+    def last_install(self, device_id: str) -> InstallOutcome | None: ...
+
+    def summary(self) -> Summary: ...
+
+    def record_enrollment(self, device_id: str, actor: str, detail: Mapping[str, Any]) -> None: ...
+
+    def known(self, device_ids: Sequence[str]) -> set[str]: ...
+
+
+class TelemetryReads(Protocol):
+    """Stored windows, merged for people and gates."""
+
+    def telemetry(
+        self, device_id: str, model: str | None = None, since: float | None = None, until: float | None = None
+    ) -> Telemetry: ...
+
+    def window_counts(self) -> dict[str, int]: ...
+
+
+class DesiredStates(Protocol):
+    """The desired state signed for each device: recorded before publishing, marked once the broker has it."""
+
+    def add_desired(
+        self,
+        device_id: str,
+        updates: Mapping[str, Mapping[str, Any]],
+        issued: float,
+        expires: float,
+        campaign: str | None,
+        sign: Callable[[int, dict[str, Any]], bytes],
+    ) -> tuple[DesiredRecord, bytes]: ...
+
+    def mark_desired_published(self, device_id: str, seq: int, actor: str, detail: Mapping[str, Any]) -> None: ...
+
+    def desired(self, device_id: str) -> DesiredRecord | None: ...
+
+
+class AuditLog(Protocol):
+    """The append-only, hash-chained log of every change (see :mod:`fleet.store.audit`)."""
+
+    def append_audit(self, actor: str, action: str, subject: str, detail: Mapping[str, Any]) -> AuditEntry: ...
+
+    def audit(self) -> list[AuditEntry]: ...
+
+    def verify_audit(self) -> AuditCheck: ...
+
+
+class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, Protocol):
+    """Everything the fleet keeps, behind one handle; ``close()`` when done."""
+
+    def close(self) -> None: ...

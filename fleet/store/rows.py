@@ -1,0 +1,154 @@
+"""What the store hands back: typed, immutable rows with times as unix seconds (floats).
+
+Rows say what is stored, not how to show it: ISO times, "name:version" strings and tables are made by
+:mod:`fleet.views` for the CLI and the HTTP API alike. JSON-typed fields (a device's hardware, an event's detail)
+are the parsed values the device sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A message the ingest refused. Only its reason, topic, detail and size are kept: never the payload body."""
+
+    reason: str
+    topic: str
+    detail: str = ""
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device as its latest birth (or its first message) described it, and how many windows are stored for it."""
+
+    device_id: str
+    first_seen: float
+    last_seen: float
+    online: bool
+    boot_id: str | None
+    agent_version: str | None
+    hardware: dict[str, Any] | None
+    runtimes: list[str] | None
+    models: dict[str, Any] | None
+    offline_reason: str | None
+    windows: int
+
+    @property
+    def releases(self) -> dict[str, str | None]:
+        """The release each model runs, by model name, as the birth said (None where it named none)."""
+        models = self.models if isinstance(self.models, dict) else {}
+        return {name: m.get("release") if isinstance(m, dict) else None for name, m in models.items()}
+
+    @property
+    def machine(self) -> str | None:
+        """The CPU architecture the device reported (``platform.machine()``), if it did."""
+        return (self.hardware or {}).get("machine")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event a device reported (install progress and outcomes, agent start and stop...)."""
+
+    device_id: str
+    boot_id: str
+    seq: int
+    ts: float
+    type: str
+    model: str | None
+    detail: Any
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOutcome:
+    """A device's latest install outcome (committed, failed, rolled back), with the seq of the desired state it
+    answered (``desired_seq``), to compare with the last one published."""
+
+    type: str
+    model: str | None
+    release: str | None
+    reason: str | None
+    desired_seq: int | None
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDetail:
+    """One device with its event count, latest events (newest first) and latest install outcome."""
+
+    device: Device
+    events: int
+    last_events: tuple[Event, ...]
+    last_install: InstallOutcome | None
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredRecord:
+    """A desired state recorded for a device; ``published_at`` is None until the broker acknowledged it."""
+
+    device_id: str
+    seq: int
+    issued: float
+    expires: float
+    campaign: str | None
+    models: dict[str, Any]
+    created_at: float
+    published_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """A device's windows in a time range, and their histograms merged per (model, release).
+
+    ``windows`` are the stored windows as the device sent them plus ``received_at``; each ``merged`` entry holds
+    ``agent.histograms.merge_windows``'s fields plus ``windows`` (how many were merged) and ``dropped``.
+    """
+
+    device_id: str
+    model: str | None
+    since: float | None
+    until: float | None
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    merged: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Fleet-wide counts for `fleet status`."""
+
+    devices: int
+    online: int
+    windows: int
+    events: int
+    rejects: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One row of the hash-chained audit log; ``detail`` is parsed, ``detail_text`` is what the hash covers."""
+
+    id: int
+    ts: float
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+    detail_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheck:
+    """The result of walking the audit chain: ``rows`` verified, ending in hash ``head`` (record it elsewhere to detect
+    rows cut off the end); ``bad_id`` and ``problem`` name the first row that does not verify."""
+
+    ok: bool
+    rows: int
+    head: str
+    bad_id: int | None = None
+    problem: str | None = None

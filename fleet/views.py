@@ -1,0 +1,132 @@
+"""The fleet's JSON shapes: store rows as documents for `--json` and the HTTP API alike (one shape per thing).
+
+Times become ISO 8601 UTC strings with milliseconds; releases in desired states become "name:version" beside their
+signed entries. Pure functions over :mod:`fleet.store.rows`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.targets import parse_target_path
+from fleet.store.rows import (
+    AuditCheck,
+    AuditEntry,
+    DesiredRecord,
+    Device,
+    DeviceDetail,
+    Event,
+    InstallOutcome,
+    Summary,
+    Telemetry,
+)
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as ISO 8601 UTC with millisecond precision."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def release_ref(name: str, version: str) -> str:
+    """A release as people and devices name it: "name:version"."""
+    return f"{name}:{version}"
+
+
+def release_of(entry: Mapping[str, Any]) -> str:
+    """A desired-state model entry as the "name:version" devices report."""
+    name, version, _ = parse_target_path(entry["target"])
+    return release_ref(name, version)
+
+
+def device_json(device: Device) -> dict[str, Any]:
+    """A device as `fleet devices list --json` lists it (and the head of `devices show`)."""
+    doc = asdict(device)
+    doc.update(first_seen=iso(device.first_seen), last_seen=iso(device.last_seen), releases=device.releases)
+    return doc
+
+
+def device_summary_json(device: Device) -> dict[str, Any]:
+    """The fields of `fleet devices list --json`."""
+    doc = device_json(device)
+    keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models", "releases")
+    return {k: doc[k] for k in keys}
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {**asdict(event), "ts": iso(event.ts), "received_at": iso(event.received_at)}
+
+
+def install_json(outcome: InstallOutcome | None) -> dict[str, Any] | None:
+    return None if outcome is None else {**asdict(outcome), "ts": iso(outcome.ts)}
+
+
+def device_detail_json(detail: DeviceDetail, desired: DesiredRecord | None) -> dict[str, Any]:
+    """`fleet devices show --json`: the device, its events, last install and the last desired state published."""
+    return {
+        **device_json(detail.device),
+        "events": detail.events,
+        "last_events": [event_json(e) for e in detail.last_events],
+        "last_install": install_json(detail.last_install),
+        "desired": desired
+        and {
+            "seq": desired.seq,
+            "campaign": desired.campaign,
+            "expires": iso(desired.expires),
+            "releases": {name: release_of(entry) for name, entry in desired.models.items()},
+        },
+    }
+
+
+def desired_json(state: DesiredRecord, *, recorded: bool = True) -> dict[str, Any]:
+    """A desired state with ISO times and each model's release as "name:version"; ``recorded=False`` leaves out the
+    bookkeeping times (what `fleet assign --json` prints for the states it just published)."""
+    doc = asdict(state)
+    for key in ("issued", "expires", "created_at", "published_at"):
+        doc[key] = iso(doc[key])
+    if not recorded:
+        del doc["created_at"], doc["published_at"]
+    doc["releases"] = {name: release_of(entry) for name, entry in state.models.items()}
+    return doc
+
+
+def telemetry_json(data: Telemetry) -> dict[str, Any]:
+    """`fleet telemetry --json`: the windows and their per-release merges, times as ISO."""
+    times = ("window_start", "window_end", "received_at")
+    return {
+        "device_id": data.device_id,
+        "model": data.model,
+        "since": iso(data.since),
+        "until": iso(data.until),
+        "windows": [{**w, **{k: iso(w[k]) for k in times if k in w}} for w in data.windows],
+        "merged": [{**m, **{k: iso(m[k]) for k in times if k in m}} for m in data.merged],
+    }
+
+
+def summary_json(summary: Summary) -> dict[str, Any]:
+    """`fleet status --json`."""
+    return {
+        "devices": {
+            "total": summary.devices,
+            "online": summary.online,
+            "offline": summary.devices - summary.online,
+        },
+        "windows": summary.windows,
+        "events": summary.events,
+        "rejects": summary.rejects,
+    }
+
+
+def audit_entry_json(entry: AuditEntry) -> dict[str, Any]:
+    doc = asdict(entry)
+    del doc["detail_text"]
+    doc["ts"] = iso(entry.ts)
+    return doc
+
+
+def audit_check_json(check: AuditCheck) -> dict[str, Any]:
+    return asdict(check)
