@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -270,6 +273,42 @@ def test_read_commands_fail_with_code_1_when_there_is_no_fleet_home(tmp_path: Pa
     assert result.exit_code == 1
     assert "fleet init" in result.output
     assert not (tmp_path / "missing").exists()
+
+
+def _as_another_user(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the real `fleet` as a user who may read but not write the home: nobody, through util-linux's setpriv, when
+    the tests run as root (root writes anything); the tests' own user otherwise."""
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    return subprocess.run([*drop, FLEET, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_read_commands_work_on_a_home_the_user_cannot_write_and_write_commands_say_why(
+    home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    readable = Path(tempfile.mkdtemp(prefix="fleet-ro-"))  # pytest's own folders are owner-only
+    try:
+        shared = readable / "home"
+        shutil.copytree(home, shared)
+        for path in (readable, *shared.rglob("*"), shared):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        before = {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+
+        for command in (["devices", "list"], ["status"], ["telemetry", "pi-1"], ["devices", "show", "pi-1"],
+                        ["audit", "--verify"]):  # fmt: skip
+            result = _as_another_user([*command, "--home", str(shared), "--json"])
+            assert result.returncode == 0, (command, result.stderr)
+            json.loads(result.stdout)
+        assert json.loads(_as_another_user(["status", "--home", str(shared), "--json"]).stdout)["windows"] == 3
+
+        refused = _as_another_user(["release", "revoke", "digits:1", "--home", str(shared)])
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("Error: ")  # one line, no traceback
+        assert "run as the home's owner" in refused.stderr
+        assert {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()} == before
+    finally:
+        for path in (readable, *readable.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(readable)
 
 
 def test_telemetry_json_merges_the_windows_in_range_exactly(home: Path) -> None:

@@ -190,7 +190,7 @@ class SqliteStore:
 
     def _open(self) -> None:
         if self.read_only:
-            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            conn = self._connect_read_only()
         else:
             # The ingest writes on paho's thread while others read stats, hence check_same_thread=False + a lock.
             conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
@@ -214,6 +214,21 @@ class SqliteStore:
         # can lose the last commits, and the broker's own persistence loses more than that in that case.
         self.db.execute("PRAGMA synchronous = NORMAL")
         migrate(self.db)
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that writes nothing. SQLite reads a WAL database through its ``-shm`` file, which it must
+        create if it is missing: in a folder this process may not write, and with no ``-wal`` file (no writer has
+        anything uncheckpointed), the file is read as immutable instead."""
+        uri = self.path.absolute().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            if self.path.with_name(self.path.name + "-wal").exists():
+                raise
+            conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        return conn
 
     def close(self) -> None:
         with self._lock:
