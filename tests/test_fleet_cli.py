@@ -377,3 +377,17 @@ def test_serve_refuses_a_client_id_that_cannot_name_the_workers_shared_subscript
     assert result.exit_code == 2
     assert "may not hold '/'" in result.output
     assert not (tmp_path / "home").exists()  # refused before anything was made
+
+
+def test_the_installed_fleet_command_names_the_extra_it_needs_when_it_is_missing(tmp_path: Path) -> None:
+    """As after `pip install ".[agent]"` on a device: the package is there, click and the fleet's stack are not."""
+    root = Path(__file__).resolve().parent.parent
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); from fleet.launcher import main; main()"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # -S: no site-packages, so only the stdlib and the source tree can be imported.
+    done = subprocess.run([sys.executable, "-S", "-c", code, "status"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == "fleet needs the fleet extra: pip install 'edgefleet[fleet]'\n"
+    installed = subprocess.run([FLEET, "--version"], capture_output=True, text=True, timeout=60)
+    assert installed.returncode == 0 and installed.stdout.startswith("fleet, version")
