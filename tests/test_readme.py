@@ -35,6 +35,8 @@ def readme_commands() -> list[str]:
 
 #: Each README command and the test below that runs it. A new README command without a test fails here.
 COVERED = {
+    "python3 -m venv .venv": "scripts/test makes its virtualenv the same way",
+    ". .venv/bin/activate": "scripts/test runs the virtualenv's own binaries",
     'pip install ".[all]"': "scripts/test installs .[all,dev]",
     "fleet model example --out models": "test_the_main_job_builds_models_and_runs_them",
     "fleet model run models/int8.onnx": "test_the_main_job_builds_models_and_runs_them",
