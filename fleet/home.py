@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.files import write_atomic
-from fleet.store.sqlite import Store
+from fleet.errors import FleetError
+from fleet.store import open_store
 
 HOME_ENV = "EDGEFLEET_HOME"
 DEFAULT_HOME = Path("~/.edgefleet")
@@ -54,18 +55,29 @@ def _make_dir(path: Path, created: list[Path]) -> None:
 
 
 def init_home(path: str | Path) -> Home:
-    """Create the home, its folders and an up-to-date database. Safe to run again: it only adds what is missing."""
+    """Create the home, its folders and an up-to-date database. Safe to run again: it only adds what is missing.
+
+    Raises :class:`FleetError` (``home_unusable``) if the folder cannot be made or written, and the store's
+    ``StoreUnavailable`` if the database cannot be opened.
+    """
     root = Path(path).expanduser().absolute()
     created: list[Path] = []
-    _make_dir(root, created)
-    _make_dir(root / "broker", created)
     home = Home(root)
-    if not home.db.exists():
-        # An empty file is a valid empty database; creating it here gets the mode right from the first instant.
-        os.close(os.open(home.db, os.O_CREAT | os.O_WRONLY, _FILE_MODE))
-        created.append(home.db)
-    home.db.chmod(_FILE_MODE)
-    Store(home.db).close()  # creates or migrates the schema
+    try:
+        _make_dir(root, created)
+        _make_dir(root / "broker", created)
+        if not home.db.exists():
+            # An empty file is a valid empty database; creating it here gets the mode right from the first instant.
+            os.close(os.open(home.db, os.O_CREAT | os.O_WRONLY, _FILE_MODE))
+            created.append(home.db)
+        home.db.chmod(_FILE_MODE)
+    except OSError as exc:
+        raise FleetError(
+            "home_unusable",
+            f"cannot make the fleet home {root}: {exc.strerror or exc} ({exc.filename or root})",
+            "choose another --home, or run as the user who owns it",
+        ) from None
+    open_store(home.db).close()  # creates or migrates the schema
     return Home(root, tuple(created))
 
 

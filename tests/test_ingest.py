@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from fleet_fixtures import device_view
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,7 +28,7 @@ from agent.broker_address import BrokerAddress, TlsFiles
 from agent.protocol import Kind
 from fleet.broker import MosquittoBroker
 from fleet.ingest.mqtt import Ingest
-from fleet.store.sqlite import Store
+from fleet.store import Store, open_store
 
 BOOT_A = "a" * 32
 BOOT_B = "b" * 32
@@ -138,7 +139,7 @@ def prefix() -> str:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "fleet.db")
+    s = open_store(tmp_path / "fleet.db")
     yield s
     s.close()
 
@@ -171,13 +172,13 @@ def test_status_windows_and_events_from_a_device_are_stored(ingest: Ingest, publ
 
     wait_for(lambda: ingest.stats()["stored"] == 5, "5 windows and events")
     assert store.window_counts() == {"pi-1": 3}
-    device = store.device("pi-1")
+    device = device_view(store, "pi-1")
     assert device is not None
     assert device["online"] is True
     assert device["agent_version"] == "0.1.0"
     assert device["events"] == 2
     assert [e["type"] for e in device["last_events"]] == ["install_committed"] * 2
-    stored = store.telemetry("pi-1")["windows"]
+    stored = store.telemetry("pi-1").windows
     assert [w["seq"] for w in stored] == [0, 1, 2]
     assert stored[0]["features"] == window("pi-1", 0)["features"]
     assert ingest.stats()["rejected"] == {}
@@ -198,7 +199,7 @@ def test_a_window_or_event_published_twice_is_stored_once(ingest: Ingest, publis
     assert ingest.stats()["stored"] == 3
     assert ingest.stats()["duplicates"] == 2
     assert store.window_counts() == {"pi-1": 2}
-    assert store.device("pi-1")["events"] == 1  # type: ignore[index]
+    assert device_view(store, "pi-1")["events"] == 1  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -325,8 +326,8 @@ def test_a_birth_registers_the_device_online_with_its_agent_hardware_and_models(
 ) -> None:
     publisher.send("pi-7", Kind.STATUS, birth("pi-7", agent_version="1.4.2"), retain=True)
 
-    wait_for(lambda: store.device("pi-7") is not None, "the birth")
-    device = store.device("pi-7")
+    wait_for(lambda: device_view(store, "pi-7") is not None, "the birth")
+    device = device_view(store, "pi-7")
     assert device is not None
     assert device["online"] is True
     assert device["boot_id"] == BOOT_A
@@ -334,7 +335,7 @@ def test_a_birth_registers_the_device_online_with_its_agent_hardware_and_models(
     assert device["hardware"] == {"machine": "aarch64", "memory_bytes": 4 << 30}
     assert device["runtimes"] == ["onnxruntime"]
     assert device["models"] == {"digits": {"release": "digits:1"}}
-    assert [d["device_id"] for d in store.devices()] == ["pi-7"]
+    assert [d.device_id for d in store.devices()] == ["pi-7"]
 
 
 _DEVICE_WITH_A_WILL = """
@@ -366,13 +367,13 @@ def test_the_last_will_marks_a_device_offline_when_its_connection_dies(
     try:
         assert device.stdout is not None
         assert device.stdout.readline().strip() == "online"
-        wait_for(lambda: (store.device(device_id) or {}).get("online") is True, "the birth")
+        wait_for(lambda: (device_view(store, device_id) or {}).get("online") is True, "the birth")
     finally:
         device.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker publishes the will
         device.wait()
 
-    wait_for(lambda: store.device(device_id)["online"] is False, "the last will")  # type: ignore[index]
-    assert store.device(device_id)["offline_reason"] == "connection_lost"  # type: ignore[index]
+    wait_for(lambda: device_view(store, device_id)["online"] is False, "the last will")  # type: ignore[index]
+    assert device_view(store, device_id)["offline_reason"] == "connection_lost"  # type: ignore[index]
 
 
 def test_a_stale_will_from_before_a_reboot_does_not_mark_the_rebooted_device_offline(
@@ -387,13 +388,13 @@ def test_a_stale_will_from_before_a_reboot_does_not_mark_the_rebooted_device_off
         ]
     )
     wait_for(lambda: store.window_counts().get("pi-2") == 1, "the marker window")
-    device = store.device("pi-2")
+    device = device_view(store, "pi-2")
     assert device is not None
     assert (device["online"], device["boot_id"], device["offline_reason"]) == (True, BOOT_B, None)
 
     publisher.send("pi-2", Kind.STATUS, protocol.offline_status("pi-2", BOOT_B, "shutdown"))
-    wait_for(lambda: store.device("pi-2")["online"] is False, "the current boot's goodbye")  # type: ignore[index]
-    assert store.device("pi-2")["offline_reason"] == "shutdown"  # type: ignore[index]
+    wait_for(lambda: device_view(store, "pi-2")["online"] is False, "the current boot's goodbye")  # type: ignore[index]
+    assert device_view(store, "pi-2")["offline_reason"] == "shutdown"  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ def test_no_window_is_lost_when_the_ingest_is_killed_mid_stream(
     proc = subprocess.Popen([*serve, "--client-id", client_id], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith(b"broker: ")  # subscribed
-    store = Store(home / "fleet.db")
+    store = open_store(home / "fleet.db")
     sender = threading.Thread(
         target=publisher.send_many, args=([("pi-k", Kind.TELEMETRY, window("pi-k", seq)) for seq in range(total)],)
     )

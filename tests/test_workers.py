@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fleet_fixtures import device_view
 from test_ingest import Publisher, birth, event_message, wait_for, window
 
 from agent import protocol
@@ -18,7 +19,7 @@ from agent.protocol import Kind
 from fleet.broker import MosquittoBroker
 from fleet.ingest.mqtt import Ingest
 from fleet.ingest.workers import TelemetryWorkers, WorkerSpec
-from fleet.store.sqlite import Store
+from fleet.store import open_store
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def prefix() -> str:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    Store(tmp_path / "fleet.db").close()  # made (and migrated) once, as `fleet serve` does before the workers start
+    open_store(tmp_path / "fleet.db").close()  # made and migrated once, as `fleet serve` does before the workers start
     return tmp_path / "fleet.db"
 
 
@@ -51,7 +52,7 @@ def test_windows_are_split_between_workers_and_each_is_stored_once_while_status_
 ) -> None:
     client_id = f"ingest-{uuid.uuid4().hex[:8]}"
     workers = pool(db, broker, prefix, 2, client_id)
-    store = Store(db)
+    store = open_store(db)
     main = Ingest(store, broker.url, prefix=prefix, client_id=client_id, kinds=(Kind.STATUS, Kind.EVENTS))
     main.start()
     try:
@@ -65,7 +66,7 @@ def test_windows_are_split_between_workers_and_each_is_stored_once_while_status_
         wait_for(lambda: workers.stats()["stored"] == 300 and main.stats()["stored"] == 20, "300 windows, 20 events")
         wait_for(lambda: workers.stats()["duplicates"] == 1, "the copy to be absorbed")
         assert store.window_counts() == dict.fromkeys(devices, 15)
-        assert all(store.device(d)["online"] for d in devices)  # type: ignore[index]
+        assert all(device_view(store, d)["online"] for d in devices)  # type: ignore[index]
         assert main.stats()["received"] == 40  # births and events only: no telemetry reached the main ingest
         assert workers.stats()["connected"] == 2 and workers.stats()["rejected"] == {}
     finally:
@@ -78,7 +79,7 @@ def test_a_worker_killed_mid_stream_is_restarted_and_no_window_is_lost_or_stored
     db: Path, broker: MosquittoBroker, prefix: str, publisher: Publisher
 ) -> None:
     workers = pool(db, broker, prefix, 2, f"ingest-{uuid.uuid4().hex[:8]}")
-    store = Store(db)
+    store = open_store(db)
     try:
         publisher.send_many([("pi-1", Kind.TELEMETRY, window("pi-1", seq)) for seq in range(400)])
         victim = workers._procs[0]  # the pool's own process handle: there is no public way to kill a worker
@@ -104,7 +105,7 @@ def test_a_stopped_pool_commits_and_acks_what_it_holds_and_the_next_one_takes_wh
     publisher.send_many([("pi-1", Kind.TELEMETRY, window("pi-1", seq)) for seq in range(100, 300)])  # all away
 
     workers = pool(db, broker, prefix, 2, client_id)
-    store = Store(db)
+    store = open_store(db)
     try:
         wait_for(lambda: store.window_counts().get("pi-1") == 300, "the windows queued while the pool was down")
     finally:
@@ -127,7 +128,7 @@ def test_a_smaller_pool_first_stores_what_the_retired_workers_sessions_held_and_
     publisher.send_many([("pi-1", Kind.TELEMETRY, window("pi-1", seq)) for seq in range(90)])  # a third each
 
     workers = pool(db, broker, prefix, 1, client_id)  # retires workers 1 and 2 first
-    store = Store(db)
+    store = open_store(db)
     try:
         wait_for(lambda: store.window_counts().get("pi-1") == 90, "the windows all three sessions held")
         publisher.send_many([("pi-1", Kind.TELEMETRY, window("pi-1", seq)) for seq in range(90, 150)])

@@ -4,8 +4,9 @@ Delivery: QoS 1, a persistent session (clean session off, so messages published 
 broker) and manual acks sent only after the batch holding the message is committed. A crash before the commit means
 the broker redelivers, and the store's (device_id, boot_id, seq) key absorbs the copy.
 
-Bad input never stops the ingest: a message that breaks the wire contract is counted by reason, logged (topic,
-reason, size; never the body), recorded, and acked so the broker does not redeliver it forever.
+Bad input never stops the ingest: a message that breaks the wire contract (checked by :mod:`fleet.ingest.decode`, the
+pure half) is counted by reason, logged (topic, reason, size; never the body), recorded, and acked so the broker
+does not redeliver it forever.
 
 Batching: messages are decoded, stored and acked on paho's network thread, in a batch that closes when the socket
 has nothing more to read (or at ``batch_max``). One thread does it all, because a second one measured slower: the
@@ -17,12 +18,10 @@ from __future__ import annotations
 
 import logging
 import select
-import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -33,7 +32,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from agent.logs import event
-from fleet.store.sqlite import Reject, Store
+from fleet.errors import StoreUnavailable
+from fleet.ingest.decode import Item, Received, admit, split, unstorable
+from fleet.store.api import IngestWrites
+from fleet.store.rows import Reject
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +46,6 @@ _RETRY_MAX_S = 5.0
 #: A batch left open (its last message was followed by a packet that was not a message, say a PINGRESP) is committed
 #: by the sweeper thread once it is this old.
 _SWEEP_S = 0.05
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs 0.25 µs more to make, per message
-class _Received:
-    """A message as paho handed it over; ``topic`` is None when it was not UTF-8."""
-
-    topic: str | None
-    payload: bytes
-    mid: int
-    qos: int
-
-
-@dataclass(slots=True)
-class _Item:
-    """One received message on its way to the store: a decoded message of a kind (with the bytes it came in, which
-    the store keeps for windows), or a reject."""
-
-    kind: protocol.Kind | None
-    message: dict[str, Any] | Reject
-    mid: int
-    qos: int
-    topic: str
-    payload: bytes
 
 
 class Ingest:
@@ -81,7 +60,7 @@ class Ingest:
 
     def __init__(
         self,
-        store: Store,
+        store: IngestWrites,
         broker_url: str,
         prefix: str = protocol.DEFAULT_PREFIX,
         client_id: str = "edgefleet-ingest",
@@ -99,7 +78,7 @@ class Ingest:
         self.share = share
         self.batch_max = batch_max
         self.address = BrokerAddress.parse(broker_url)
-        self._pending: list[_Received] = []  # the open batch, guarded by _batch_lock
+        self._pending: list[Received] = []  # the open batch, guarded by _batch_lock
         self._pending_since = 0.0
         self._batch_lock = threading.Lock()  # held while a batch is open-ended or being committed
         self._closing = threading.Event()
@@ -151,7 +130,7 @@ class Ingest:
         self._closing.set()
         with self._batch_lock:  # after a commit in progress
             if self._pending:
-                self._commit([self._admit(received) for received in self._take()])
+                self._commit(self._admit(self._take()))
         if self._sweeper is not None:
             self._sweeper.join()
         self._client.disconnect()  # queued behind the last acks, which therefore reach the broker first
@@ -251,10 +230,10 @@ class Ingest:
         with self._batch_lock:
             if not self._pending:
                 self._pending_since = time.monotonic()
-            self._pending.append(_Received(topic, msg.payload, msg.mid, msg.qos))
+            self._pending.append(Received(topic, msg.payload, msg.mid, msg.qos))
             if len(self._pending) < self.batch_max and self._more_to_read():
                 return
-            self._commit([self._admit(received) for received in self._take()])
+            self._commit(self._admit(self._take()))
 
     def _more_to_read(self) -> bool:
         """Whether the socket already holds more bytes: then the batch waits for them (one syscall, ~1 µs)."""
@@ -269,38 +248,20 @@ class Ingest:
         except (OSError, ValueError, TypeError):  # closed under us: commit what we have
             return False
 
-    def _take(self) -> list[_Received]:
+    def _take(self) -> list[Received]:
         batch, self._pending = self._pending, []
         with self._stats_lock:  # counted per batch, not per message: one lock less on the hot path
             self._received += len(batch)
         return batch
 
-    def _admit(self, received: _Received) -> _Item:
-        """Decode one message, or turn it into a counted reject; bad input never escapes as an exception."""
-        topic = received.topic
-        if topic is None:
-            return self._reject(received, "<not UTF-8>", protocol.ProtocolError("bad_topic", "topic is not UTF-8"))
-        try:
-            return self._decode(topic, received)
-        except protocol.ProtocolError as exc:
-            return self._reject(received, topic, exc)
-        except Exception as exc:  # a bug must cost one message, not the ingest
-            log.exception("ingest_decode_crashed")
-            return self._reject(received, topic, protocol.ProtocolError("internal_error", repr(exc)[:200]))
-
-    def _decode(self, topic: str, received: _Received) -> _Item:
-        device_id, kind = protocol.parse_topic(self.prefix, topic)
-        if kind not in protocol.DEVICE_PUBLISHED:  # any kind is stored: a stale session may still deliver others
-            raise protocol.ProtocolError("bad_topic", topic)
-        message = protocol.decode(kind, received.payload)
-        if message["device_id"] != device_id:
-            raise protocol.ProtocolError("device_mismatch", f"topic {device_id!r}, payload {message['device_id']!r}")
-        return _Item(kind, message, received.mid, received.qos, topic, received.payload)
-
-    def _reject(self, received: _Received, topic: str, exc: protocol.ProtocolError) -> _Item:
-        reject = Reject(exc.reason, topic, exc.detail, len(received.payload))
-        self._count_reject(reject)
-        return _Item(None, reject, received.mid, received.qos, topic, received.payload)
+    def _admit(self, batch: list[Received]) -> list[Item]:
+        """Decode a batch (:func:`fleet.ingest.decode.admit`); its rejects are counted and logged here."""
+        prefix = self.prefix
+        items = [admit(prefix, received) for received in batch]
+        for item in items:
+            if item.kind is None:
+                self._count_reject(item.message)  # type: ignore[arg-type]
+        return items
 
     def _count_reject(self, reject: Reject) -> None:
         with self._stats_lock:
@@ -322,44 +283,36 @@ class Ingest:
         while not self._closing.wait(_SWEEP_S):
             with self._batch_lock:
                 if self._pending and time.monotonic() - self._pending_since >= _SWEEP_S:
-                    self._commit([self._admit(received) for received in self._take()])
+                    self._commit(self._admit(self._take()))
 
-    def _commit(self, batch: list[_Item]) -> None:
+    def _commit(self, batch: list[Item]) -> None:
         """Store a batch, then ack it; never give up on a message while the store itself fails.
 
-        When SQLite itself fails (disk full, I/O error, locked), the whole batch waits and is tried again. Any other
-        refusal is about the data: the batch is split, so one unstorable message cannot block the stream, and a
-        single message the store refuses is recorded as an "unstorable" reject (if recording that works).
+        When the store itself fails (:class:`StoreUnavailable`: disk full, I/O error, locked), the whole batch waits
+        and is tried again, nothing of it acked before the commit. Any other refusal is about the data: the batch is
+        split, so one unstorable message cannot block the stream, and a single message the store refuses is recorded
+        as an "unstorable" reject (if recording that works).
         """
         delay = 0.1
         while (error := self._store_and_ack(batch)) is not None:
-            if not isinstance(error, sqlite3.OperationalError):
+            if not isinstance(error, StoreUnavailable):
                 if len(batch) > 1:
                     for item in batch:
                         self._commit([item])
                     return
-                item = batch[0]
-                unstorable = Reject("unstorable", item.topic, repr(error), len(item.payload))
-                if self._store_and_ack([_Item(None, unstorable, item.mid, item.qos, item.topic, item.payload)]) is None:
-                    self._count_reject(unstorable)
+                replacement = unstorable(batch[0], error)
+                if self._store_and_ack([replacement]) is None:
+                    self._count_reject(replacement.message)  # type: ignore[arg-type]
                     return
             if self._closing.wait(delay):
                 return  # nothing acked: the broker keeps the batch for the next session
             delay = min(delay * 2, _RETRY_MAX_S)
 
-    def _store_and_ack(self, batch: list[_Item]) -> Exception | None:
+    def _store_and_ack(self, batch: list[Item]) -> Exception | None:
         """Write one batch in one transaction and ack its messages; the store's exception if it refused."""
-        by_kind: dict[protocol.Kind | None, list[_Item]] = {kind: [] for kind in (None, *protocol.DEVICE_PUBLISHED)}
-        for item in batch:
-            by_kind[item.kind].append(item)
-        status, telemetry, events = (
-            [item.message for item in by_kind[kind]]
-            for kind in (protocol.Kind.STATUS, protocol.Kind.TELEMETRY, protocol.Kind.EVENTS)
-        )
-        rejects = [item.message for item in by_kind[None]]
-        payloads = [item.payload for item in by_kind[protocol.Kind.TELEMETRY]]
+        status, telemetry, events, rejects, payloads = split(batch)
         try:
-            stored = self.store.write_batch(status, telemetry, events, rejects, payloads=payloads)  # type: ignore[arg-type]
+            stored = self.store.write_batch(status, telemetry, events, rejects, payloads=payloads)
         except Exception as exc:  # nothing is acked yet, so the broker still holds every message of the batch
             event(log, "ingest_write_failed", logging.ERROR, error=repr(exc), batch=len(batch))
             return exc

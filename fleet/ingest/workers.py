@@ -24,7 +24,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -42,8 +41,10 @@ from agent import logs, protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from agent.files import write_atomic
 from agent.logs import event
+from fleet.errors import StoreUnavailable
 from fleet.ingest.mqtt import Ingest
-from fleet.store.sqlite import Store
+from fleet.store import open_store
+from fleet.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ def _worker_main(spec: WorkerSpec, index: int, parent: int, reports: Connection)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     _die_with(parent)
-    store = Store(spec.db)
-    store.leave_checkpoints_to_others()  # the pool's checkpointer does them, off the ingest's path
+    store = open_store(spec.db)
+    if isinstance(store, SqliteStore):
+        store.leave_checkpoints_to_others()  # the pool's checkpointer does them, off the ingest's path
     ingest = Ingest(
         store,
         spec.broker_url,
@@ -156,7 +158,7 @@ def retire(spec: WorkerSpec, keep: int, timeout: float = _RETIRE_TIMEOUT_S) -> b
 
 def _drain_session(spec: WorkerSpec, index: int, timeout: float) -> bool:
     client_id = f"{spec.client_id}-{index}"
-    store = Store(spec.db)
+    store = open_store(spec.db)
     ingest = Ingest(store, spec.broker_url, spec.prefix, client_id, tls=spec.tls, kinds=(), share=spec.share)
     ingest.start()
     try:
@@ -226,14 +228,14 @@ class TelemetryWorkers:
 
     def _checkpoint_loop(self) -> None:
         """Move the workers' commits from the write-ahead log into the database, so that no worker waits for it."""
-        store: Store | None = None
+        store: SqliteStore | None = None
         failing = False
         while not self._stop.wait(_CHECKPOINT_S):
             try:
-                store = store or Store(self.spec.db)
+                store = store or SqliteStore(self.spec.db)
                 store.checkpoint()
                 failing = False
-            except sqlite3.Error as exc:  # the workers' own errors say more; this one is said once, then retried
+            except StoreUnavailable as exc:  # the workers' own errors say more; this one is said once, then retried
                 if not failing:
                     event(log, "checkpoint_failed", logging.WARNING, error=str(exc))
                 failing = True
