@@ -25,8 +25,9 @@ from agent.protocol import DEFAULT_PREFIX, Kind, topic
 from fleet import views
 from fleet.store import Store
 from fleet.trust.director import sign_desired
+from fleet.trust.releases import ReleaseInfo
 from fleet.trust.repo_server import RepoServer
-from fleet.trust.repository import ReleaseInfo, Repository
+from fleet.trust.repository import Repository
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

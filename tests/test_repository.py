@@ -25,8 +25,9 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from agent.update.desired import DesiredStateError, load_director_key, verify_desired
 from fleet.trust.director import sign_desired
 from fleet.trust.keys import KeyStore
+from fleet.trust.releases import ReleaseError
 from fleet.trust.repo_server import RepoServer
-from fleet.trust.repository import ExpiryPolicy, ReleaseError, Repository, RepositoryError
+from fleet.trust.repository import ExpiryPolicy, Repository, RepositoryError
 
 NOW = 1_800_000_000.0
 
@@ -136,8 +137,9 @@ def test_key_files_readable_by_others_are_refused(home: Path) -> None:
 
 
 def test_missing_repository_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(RepositoryError, match="run init"):
+    with pytest.raises(RepositoryError, match="no repository in") as missing:
         Repository(tmp_path / "nowhere")
+    assert missing.value.fix == "run `fleet init`"
 
 
 # --------------------------------------------------------------------------------------------------------------

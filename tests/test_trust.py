@@ -34,8 +34,9 @@ from agent.protocol import SCHEMA_VERSION
 from agent.update.desired import DesiredModel, DesiredStateError, load_director_key, verify_desired
 from agent.update.tuf_client import ReleaseFetcher, TrustError, VerifiedTarget
 from fleet.trust.director import sign_desired
+from fleet.trust.releases import ReleaseInfo
 from fleet.trust.repo_server import RepoRequestHandler, RepoServer
-from fleet.trust.repository import ReleaseInfo, Repository
+from fleet.trust.repository import Repository
 
 DAY = 86400.0
 RUNTIMES = ("onnxruntime", "tflite")

@@ -17,7 +17,8 @@ from agent.runtime import RuntimeLayerError, RuntimeNotInstalled, load_model
 from agent.targets import RUNTIME_BY_SUFFIX
 from fleet.errors import FleetError
 from fleet.store.api import AuditLog
-from fleet.trust.repository import ReleaseInfo, Repository
+from fleet.trust.releases import ReleaseInfo
+from fleet.trust.repository import Repository
 from fleet.views import release_ref
 
 log = logging.getLogger(__name__)

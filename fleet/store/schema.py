@@ -1,4 +1,4 @@
-"""The SQLite schema of the fleet store and its migrations.
+"""The SQLite schema of the fleet store: its tables, their migrations and the statements of the ingest's write path.
 
 Each migration takes the database one version up; ``PRAGMA user_version`` records how far it got. A database newer
 than this code is refused, never written.
@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import msgspec
 import sqlite_utils
 
 from agent import protocol
 from fleet.errors import StoreUnavailable
 
 #: A window's histograms and health: schema v1-v2 stored them as JSON text columns, v3 keeps them in ``payload``.
-_JSON_WINDOW_FIELDS = ("latency", "confidence", "classes", "features", "feedback", "health")
+JSON_WINDOW_FIELDS = ("latency", "confidence", "classes", "features", "feedback", "health")
 #: The envelope and counters, as columns for SQL (name: type).
 _WINDOW_SCALARS: Mapping[str, type] = {
     "device_id": str,
@@ -32,6 +34,7 @@ _WINDOW_SCALARS: Mapping[str, type] = {
 }
 #: v3: the scalars, then the whole window as ``payload``: the wire bytes the device sent.
 _WINDOW_COLUMNS = (*_WINDOW_SCALARS, "payload")
+_EVENT_COLUMNS = ("device_id", "boot_id", "seq", "ts", "type", "model", "detail", "received_at")
 
 
 
@@ -53,9 +56,9 @@ def _schema_v1(db: sqlite_utils.Database) -> None:
         not_null=["first_seen", "last_seen", "online"],
     )
     db["windows"].create(
-        {**_WINDOW_SCALARS, **dict.fromkeys(_JSON_WINDOW_FIELDS, str)},
+        {**_WINDOW_SCALARS, **dict.fromkeys(JSON_WINDOW_FIELDS, str)},
         pk=("device_id", "boot_id", "seq"),
-        not_null=[*_WINDOW_SCALARS, *(f for f in _JSON_WINDOW_FIELDS if f != "feedback")],
+        not_null=[*_WINDOW_SCALARS, *(f for f in JSON_WINDOW_FIELDS if f != "feedback")],
     )
     db["windows"].create_index(["device_id", "window_start"])
     db["windows"].create_index(["device_id", "model"])
@@ -125,13 +128,13 @@ def _schema_v3(db: sqlite_utils.Database) -> None:
     db["windows_v3"].create(
         {**_WINDOW_SCALARS, "payload": bytes}, pk=("device_id", "boot_id", "seq"), not_null=_WINDOW_COLUMNS
     )
-    rows = db.execute(f"SELECT {', '.join(scalars)}, {', '.join(_JSON_WINDOW_FIELDS)} FROM windows")
+    rows = db.execute(f"SELECT {', '.join(scalars)}, {', '.join(JSON_WINDOW_FIELDS)} FROM windows")
     insert = f"INSERT INTO windows_v3 VALUES ({', '.join('?' * len(_WINDOW_COLUMNS))})"
     while chunk := rows.fetchmany(1000):
         converted = []
         for row in chunk:
             window = dict(zip(scalars, row, strict=False))
-            for field, text in zip(_JSON_WINDOW_FIELDS, row[len(scalars) :], strict=True):
+            for field, text in zip(JSON_WINDOW_FIELDS, row[len(scalars) :], strict=True):
                 if text is not None:
                     window[field] = json.loads(text)
             message = {"v": protocol.SCHEMA_VERSION, **window}
@@ -191,3 +194,87 @@ def migrate(db: sqlite_utils.Database) -> int:
     return found
 
 
+#: The JSON columns' encoder: msgspec, ten times faster than json.dumps on a window's histograms. Unlike json.dumps
+#: with allow_nan=False it writes NaN and infinity as null, which only matters for data that did not pass through
+#: ``protocol.decode``: that refuses them.
+_encode = msgspec.json.Encoder().encode
+
+
+def dumps(value: Any) -> str | None:
+    """JSON text (TEXT columns; msgspec makes bytes), or None for SQL NULL."""
+    return None if value is None else _encode(value).decode()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SQL of the write path, written out once: executemany over prepared statements is the fast way to batch.
+
+INSERT_WINDOW = (
+    f"INSERT OR IGNORE INTO windows ({', '.join(_WINDOW_COLUMNS)}) VALUES ({', '.join('?' * len(_WINDOW_COLUMNS))})"
+)
+INSERT_EVENT = (
+    f"INSERT OR IGNORE INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})"
+)
+# Windows and events also prove a device exists: register it (offline until its birth says otherwise), or touch it.
+# One upsert per device, not an insert and an update: a batch of 100 windows comes from up to 100 devices.
+SEEN_DEVICE = """
+INSERT INTO devices (device_id, first_seen, last_seen, online, boot_id) VALUES (?, ?, ?, 0, ?)
+ON CONFLICT (device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)
+"""
+REGISTER_DEVICE = (
+    "INSERT OR IGNORE INTO devices (device_id, first_seen, last_seen, online, boot_id) VALUES (?, ?, ?, 0, ?)"
+)
+BIRTH = """
+INSERT INTO devices (device_id, first_seen, last_seen, online, boot_id, agent_version, hardware, runtimes, models,
+                     offline_reason)
+VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, NULL)
+ON CONFLICT (device_id) DO UPDATE SET
+    last_seen = max(last_seen, excluded.last_seen),
+    online = 1,
+    boot_id = excluded.boot_id,
+    agent_version = coalesce(excluded.agent_version, agent_version),
+    hardware = coalesce(excluded.hardware, hardware),
+    runtimes = coalesce(excluded.runtimes, runtimes),
+    models = coalesce(excluded.models, models),
+    offline_reason = NULL
+"""
+# A will is only about the boot that left it: after a reboot, the old session's will must not mark the device offline.
+OFFLINE = "UPDATE devices SET online = 0, offline_reason = ? WHERE device_id = ? AND boot_id = ?"
+REJECT = """
+INSERT INTO rejects (reason, count, last_detail, last_topic, last_seen) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (reason) DO UPDATE SET
+    count = count + excluded.count,
+    last_detail = excluded.last_detail,
+    last_topic = excluded.last_topic,
+    last_seen = excluded.last_seen
+"""
+
+
+def window_row(w: Mapping[str, Any], payload: bytes, received_at: float) -> tuple[Any, ...]:
+    """The values of _WINDOW_COLUMNS in order, written out: 0.6 µs a window cheaper than a generator expression."""
+    return (
+        w["device_id"],
+        w["boot_id"],
+        w["seq"],
+        w["model"],
+        w["release"],
+        w["window_start"],
+        w["window_end"],
+        w["count"],
+        w["errors"],
+        w["dropped"],
+        received_at,
+        payload,
+    )
+
+
+def event_row(e: Mapping[str, Any], received_at: float) -> tuple[Any, ...]:
+    return (
+        e["device_id"],
+        e["boot_id"],
+        e["seq"],
+        e["ts"],
+        e["type"],
+        e.get("model"),
+        dumps(e["detail"]),
+        received_at,
+    )

@@ -52,62 +52,33 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from agent.canonical import canonical_json, strict_json
+from agent.canonical import strict_json
 from agent.files import PUBLIC_FILE_MODE, fsync_path, stage, write_atomic
 from agent.logs import event
 from agent.targets import RUNTIME_BY_SUFFIX, parse_target_path, safe_component, target_path
-from fleet.errors import FleetError, NotFound
+from fleet.errors import FleetError
 from fleet.trust.keys import KeyStore
+from fleet.trust.releases import (
+    ReleaseError,
+    ReleaseInfo,
+    UnknownRelease,
+    card_sha256,
+    checked_card_text,
+    checked_machines,
+    release_info,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TARGET_BYTES = 512 * 1024 * 1024
-MAX_CARD_BYTES = 1024 * 1024
-ALL_MACHINES = ("x86_64", "aarch64", "armv7l")
 _COPY_CHUNK = 1024 * 1024
 _ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 #: Repository files are public (everything in them is signed); any static server may read them.
-#: Card sections a device needs to install and watch a release (see fleet.examples.modelgen for their content).
-CARD_SECTIONS = ("input", "output", "drift", "smoke_test", "provenance")
-
-
 class RepositoryError(FleetError):
     """The repository is missing, already exists, or its files do not verify."""
 
     def __init__(self, detail: str, fix: str = "") -> None:
         super().__init__("repository", detail, fix)
-
-
-#: How to fix each refused publish or revoke (``ReleaseError.reason``); the error's own detail says what was wrong.
-RELEASE_FIXES = {
-    "unknown_release": "see `fleet release list`",
-    "duplicate": "publish under a new --version; released versions never change",
-    "unsupported_runtime": "export the model as .onnx or .tflite",
-    "bad_filename": "rename the model file to letters, digits and _.+-",
-    "bad_file": "pass a regular model file",
-    "empty_file": "pass the real model file; this one is empty",
-    "too_large": "shrink the model, or raise max_target_bytes in <home>/repo/config.json",
-    "bad_name": "choose another --name",
-    "bad_version": "choose another --version",
-    "bad_card": "fix the card (it needs input, output, drift, smoke_test and provenance objects)",
-    "card_mismatch": "the card lists another sha256 for this file: pass the card made with this model file",
-    "bad_hardware": "pass machine names like aarch64, armv7l, x86_64",
-}
-
-
-class ReleaseError(FleetError, ValueError):
-    """A publish or revoke that was refused; nothing was changed. ``reason`` is short and stable."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        fix = RELEASE_FIXES.get(reason, "")
-        super().__init__(reason, detail, f"{fix}. Nothing was changed." if fix else "Nothing was changed.")
-
-
-class UnknownRelease(ReleaseError, NotFound):
-    """No release of that name and version was ever published."""
-
-    def __init__(self, ref: str) -> None:
-        super().__init__("unknown_release", f"unknown release {ref}")
 
 
 @dataclass(frozen=True)
@@ -127,29 +98,6 @@ class ExpiryPolicy:
         return cls(**{role: timedelta(seconds=data[role]) for role in ("root", "targets", "snapshot", "timestamp")})
 
 
-@dataclass(frozen=True)
-class ReleaseInfo:
-    name: str
-    version: str
-    release: int
-    min_release: int
-    target: str
-    sha256: str
-    length: int
-    runtime: str
-
-    @property
-    def revoked(self) -> bool:
-        return self.release < self.min_release
-
-    def desired_entry(self) -> dict[str, Any]:
-        """This release as one model of a desired state (``fleet.trust.director.sign_desired``)."""
-        return {"target": self.target, "release": self.release, "sha256": self.sha256, "length": self.length}
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "revoked": self.revoked}
-
-
 @dataclass
 class _Metadata:
     """The committed state: what timestamp.json points to, verified against root."""
@@ -166,20 +114,6 @@ def _sha256(data: bytes) -> str:
 
 def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC).replace(microsecond=0)
-
-
-def _release_info(target: TargetFile) -> ReleaseInfo:
-    custom = target.custom
-    return ReleaseInfo(
-        name=custom["name"],
-        version=custom["version"],
-        release=custom["release"],
-        min_release=custom["min_release"],
-        target=target.path,
-        sha256=target.hashes["sha256"],
-        length=target.length,
-        runtime=custom["runtime"],
-    )
 
 
 class Repository:
@@ -318,14 +252,14 @@ class Repository:
 
     def releases(self) -> list[dict[str, Any]]:
         """Every release, by model name then release counter."""
-        infos = [_release_info(t) for t in self._load().targets.signed.targets.values()]
+        infos = [release_info(t) for t in self._load().targets.signed.targets.values()]
         return [info.as_dict() for info in sorted(infos, key=lambda i: (i.name, i.release))]
 
     def release(self, name: str, version: str) -> dict[str, Any]:
         """One release with its signed hardware list and model card."""
         target = self._find(self._load(), name, version)
         return {
-            **_release_info(target).as_dict(),
+            **release_info(target).as_dict(),
             "hardware": target.custom["hardware"],
             "card": strict_json(target.custom["card"]),
         }
@@ -383,9 +317,9 @@ class Repository:
         if not safe_component(version):
             raise ReleaseError("bad_version", f"{version[:80]!r}: use [A-Za-z0-9_.+-], not starting with a dot")
         path = target_path(name, version, model_file.name)
-        card_text = _card_text(card, source_commit)
-        described_sha256 = _card_sha256(card, model_file.name)
-        machines = _machines(hardware)
+        card_text = checked_card_text(card, source_commit)
+        described_sha256 = card_sha256(card, model_file.name)
+        machines = checked_machines(hardware)
         with self._lock():
             state = self._load()
             targets = state.targets.signed.targets
@@ -414,7 +348,7 @@ class Repository:
                 for folder in reversed(created):
                     folder.rmdir()
                 raise
-        info = _release_info(targets[path])
+        info = release_info(targets[path])
         event(log, "release_published", model=name, version=version, release=release, sha256=sha256, **versions)
         return info
 
@@ -425,7 +359,7 @@ class Repository:
         """
         with self._lock():
             state = self._load()
-            revoked = _release_info(self._find(state, name, version))
+            revoked = release_info(self._find(state, name, version))
             new_floor = revoked.release + 1
             if new_floor <= revoked.min_release:
                 return revoked
@@ -433,7 +367,7 @@ class Repository:
                 if target.custom["name"] == name:
                     target.custom["min_release"] = new_floor
             versions = self._commit(state, targets_changed=True)
-            info = _release_info(self._find(state, name, version))
+            info = release_info(self._find(state, name, version))
         event(log, "release_revoked", model=name, version=version, min_release=new_floor, **versions)
         return info
 
@@ -566,43 +500,3 @@ class Repository:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _card_text(card: Mapping[str, Any], source_commit: str | None) -> str:
-    """The signed card as JSON text, with the source commit added to its provenance."""
-    if not isinstance(card, Mapping):
-        raise ReleaseError("bad_card", "the card is not an object")
-    for section in CARD_SECTIONS:
-        if not isinstance(card.get(section), Mapping):
-            raise ReleaseError("bad_card", f"the card has no {section!r} object")
-    card = dict(card)
-    if source_commit is not None:
-        if not (isinstance(source_commit, str) and 0 < len(source_commit) <= 128 and source_commit.isprintable()):
-            raise ReleaseError("bad_card", "source_commit must be short printable text")
-        provenance = card.get("provenance", {})
-        if not isinstance(provenance, Mapping):
-            raise ReleaseError("bad_card", "card provenance is not an object")
-        card["provenance"] = {**provenance, "source_commit": source_commit}
-    try:
-        text = canonical_json(card).decode()
-    except (TypeError, ValueError) as exc:
-        raise ReleaseError("bad_card", f"not plain finite JSON: {exc}") from None
-    if len(text) > MAX_CARD_BYTES:
-        raise ReleaseError("bad_card", f"{len(text)} bytes > {MAX_CARD_BYTES}")
-    return text
-
-
-def _card_sha256(card: Mapping[str, Any], filename: str) -> str | None:
-    """The sha256 the card records for this file, if it records one (modelgen's cards list each file they describe)."""
-    files = card.get("files")
-    entry = files.get(filename) if isinstance(files, Mapping) else None
-    return entry.get("sha256") if isinstance(entry, Mapping) else None
-
-
-def _machines(hardware: Mapping[str, Any] | None) -> list[str]:
-    if hardware is None:
-        return sorted(ALL_MACHINES)
-    machines = hardware.get("machines") if isinstance(hardware, Mapping) else None
-    if set(hardware or {}) != {"machines"} or not isinstance(machines, list | tuple) or not machines:
-        raise ReleaseError("bad_hardware", 'expected {"machines": [names...]}')
-    if not all(isinstance(m, str) and safe_component(m) for m in machines):
-        raise ReleaseError("bad_hardware", "machine names are platform.machine() values like aarch64")
-    return sorted(set(machines))
