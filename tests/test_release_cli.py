@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pty
 import queue
+import select
 import shutil
 import signal
 import sqlite3
@@ -25,10 +28,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import paho.mqtt.client as mqtt
 import pytest
 import sqlite_utils
 from click.testing import CliRunner, Result
+from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
 import agent.config
@@ -294,6 +300,56 @@ def test_a_corrupt_model_is_refused_in_one_line_with_one_fix(home: Path, digits:
     assert lines[0].startswith("Error: ") and "does not load with onnxruntime: " in lines[0]
     assert lines[0].endswith("; export the model again. Nothing was changed.")
     assert "download the release again" not in lines[0]  # the device's fix, not the publisher's
+
+
+def _large_model(folder: Path, card: Path, megabytes: int) -> Path:
+    """A valid ONNX model of about ``megabytes`` MB (a large constant added to the input) and its card."""
+    n = megabytes * 2**20 // 4
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "bias"], ["output"])],
+        "large",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(np.ones((1, n), np.float32), "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    folder.mkdir()
+    onnx.save(model, folder / "large.onnx")
+    described = json.loads(card.read_text())
+    described.pop("files", None)  # the card of another file: let it describe none
+    (folder / "card.json").write_text(json.dumps(described))
+    return folder / "large.onnx"
+
+
+def test_publishing_a_large_model_shows_progress_on_a_terminal_only(home: Path, digits: Path, tmp_path: Path) -> None:
+    model = _large_model(tmp_path / "large", digits / "card.json", 24)
+    command = [FLEET, "release", "publish", model, "--name", "large", "--home", home]
+    master, terminal = pty.openpty()
+    try:
+        done = subprocess.run([*command, "--version", "1"], stdout=subprocess.PIPE, stderr=terminal, timeout=120)
+        os.close(terminal)
+        shown = b""
+        while chunk := _read_some(master):
+            shown += chunk
+    finally:
+        os.close(master)
+    assert done.returncode == 0
+    assert b"publishing large.onnx" in shown and b"100%" in shown, shown[-500:]
+    assert done.stdout.startswith(b"published large:1")
+
+    piped = subprocess.run([*command, "--version", "2"], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == "", "no progress bar in a log"
+
+
+def _read_some(fd: int) -> bytes:
+    """What a terminal holds now, or b"" once its writer closed it (Linux reports EIO then)."""
+    if not select.select([fd], [], [], 1.0)[0]:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
 
 
 def _unknown_format(digits: Path, tmp: Path, home: Path) -> list[str | Path]:
