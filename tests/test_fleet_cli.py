@@ -145,6 +145,19 @@ def test_the_home_comes_from_the_environment_when_no_option_is_given(
     assert (tmp_path / "from-env" / "fleet.db").exists()
 
 
+def test_init_refuses_half_a_repository_and_says_what_to_restore(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert fleet("init", "--home", str(home)).exit_code == 0
+    (home / "repo").rename(tmp_path / "repo-elsewhere")
+    result = CliRunner().invoke(main, ["init", "--home", str(home)])
+    assert result.exit_code == 1
+    assert (
+        f"{home / 'keys'} exists but {home / 'repo'} does not; restore {home / 'repo'} from your backup"
+        in result.output
+    )
+    assert "Traceback" not in result.output
+
+
 # --------------------------------------------------------------------------------------------------------------
 # serve, as a real process
 
@@ -212,6 +225,23 @@ def test_serve_refuses_a_broker_url_it_cannot_use(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path), "--broker", "http://example.com"])
     assert result.exit_code == 2
     assert "mqtt://HOST:PORT" in result.output
+
+
+def test_serve_exits_1_naming_the_fix_when_the_repository_port_is_taken_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = [str(FLEET), "serve", "--home", str(home), "--repo-port", str(port), "--ingest-workers", "0"]
+        result = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""  # no broker: line for a fleet that is not running
+    assert f"the repository server cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--repo-port" in result.stderr and "Traceback" not in result.stderr
+    assert not (home / "serve.json").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------
