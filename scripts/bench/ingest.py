@@ -273,7 +273,7 @@ class IngestSubscriber:
     def __init__(self, url: str, client_id: str, db: Path, workers: int) -> None:
         from fleet.ingest.mqtt import Ingest
         from fleet.ingest.workers import TelemetryWorkers, WorkerSpec
-        from fleet.store.sqlite import Store
+        from fleet.store.sqlite import SqliteStore as Store
 
         self.store = Store(db)
         kinds = (Kind.STATUS, Kind.EVENTS) if workers else protocol.DEVICE_PUBLISHED
@@ -540,7 +540,7 @@ def _components_main(path: str, conn: Connection) -> None:
     """Single-threaded costs of the ingest's stages in a fresh process, µs per window, best of three passes:
     decoding a payload, and storing decoded windows with their payloads in batches of 100 into a fresh store (as
     the ingest does, at most a batch of decoded windows is alive at a time)."""
-    from fleet.store.sqlite import Store
+    from fleet.store.sqlite import SqliteStore as Store
 
     with open(path, "rb") as f:
         sample: list[Message] = pickle.load(f)

@@ -154,7 +154,7 @@ def lag_stats(db: Path, arrivals: dict[tuple[str, str, int], float]) -> dict[str
 def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
     from fleet.broker import MosquittoBroker
     from fleet.ingest.mqtt import Ingest
-    from fleet.store.sqlite import Store
+    from fleet.store.sqlite import SqliteStore as Store
 
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     result: dict[str, Any] = {"machine": benchinfo.machine(), "settings": settings}
