@@ -26,8 +26,15 @@ class BrokerAddress:
             raise ValueError(f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, not {url!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
             raise ValueError(f"broker URL takes only a host and a port: {url!r}")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or above 65535
+            port = 0
+        if port == 0:
+            given = parts.netloc.rpartition(":")[2]
+            raise ValueError(f"broker URL port must be 1-65535, as in mqtt://HOST:PORT, not {given!r} in {url!r}")
         tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
 
     @property
     def url(self) -> str:

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
-import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from agent import __version__
+from agent import __version__, protocol
 from agent import logs as agent_logs
+from agent.broker_address import BrokerAddress
+from firmware_sim import fdlimit, rundirs
+from fleet.examples.modelgen import VARIANTS
+
+if TYPE_CHECKING:
+    from firmware_sim.simulator import SimSettings, Simulation
+
+#: Exit status of `firmware-sim run` when no device reached the broker in the whole run.
+EXIT_UNREACHABLE = 3
 
 
 def default_model_dir() -> Path:
@@ -28,6 +42,79 @@ def ensure_model(model_dir: Path, variant: str, seed: int) -> Path:
     return out
 
 
+def check_broker(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """Refuse a URL the devices could not use before anything is built (the agent's own parser decides)."""
+    try:
+        BrokerAddress.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def check_id_prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not protocol.valid_device_id(f"{value}-0000"):
+        raise click.BadParameter(f"device ids must match {protocol.DEVICE_ID_PATTERN}, and {value}-0000 does not")
+    return value
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """While the block runs, a first SIGINT (Ctrl-C) or SIGTERM sets the event it yields, so the run ends early and
+    still delivers and reports its windows; a second one interrupts at once."""
+    stop = threading.Event()
+
+    def ask(_signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("firmware-sim: ending the run early; Ctrl-C again to abort without the report", err=True)
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def set_up(settings: SimSettings) -> Simulation:
+    """Set the devices up, with a progress bar on a terminal; what keeps them from being set up is one line."""
+    from agent import runtime
+    from firmware_sim.simulator import Simulation
+
+    n = settings.devices
+    try:
+        with click.progressbar(
+            length=n, label=f"setting up {n} devices", file=sys.stderr, hidden=not sys.stderr.isatty()
+        ) as bar:
+            return Simulation(settings, progress=bar.update)
+    except OSError as exc:
+        raise click.ClickException(f"cannot set up the devices' state: {exc}") from None
+    except (runtime.ModelNotFound, runtime.CorruptModel) as exc:
+        raise click.ClickException(
+            f"the cached model {settings.model_dir / settings.model_file} does not load ({type(exc).__name__}): "
+            f"delete {settings.model_dir} and the next run builds it again"
+        ) from None
+    except runtime.RuntimeLayerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def exit_status(report: dict[str, Any], broker: str) -> int:
+    """0 when the broker acknowledged every window, 1 when not, 3 when no device reached it (said on stderr)."""
+    never = sum(1 for d in report["devices"] if d["connects"] == 0)
+    if never == len(report["devices"]):
+        click.echo(
+            f"firmware-sim: the broker at {broker} was unreachable: no device could connect in "
+            f"{report['elapsed_s']} s (is it running, and is the URL right?)",
+            err=True,
+        )
+        return EXIT_UNREACHABLE
+    if never:
+        click.echo(f"firmware-sim: {never} of {len(report['devices'])} devices never connected to {broker}", err=True)
+    totals = report["totals"]
+    return 0 if totals["windows_produced"] == totals["windows_acked"] else 1
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="firmware-sim")
 def main() -> None:
@@ -36,18 +123,32 @@ def main() -> None:
 
 @main.command()
 @click.option("--devices", "-n", type=click.IntRange(1, 5000), default=10, show_default=True, help="Devices.")
-@click.option("--broker", required=True, help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
+@click.option("--broker", required=True, callback=check_broker, help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
 @click.option("--duration", type=click.FloatRange(0, None), default=30, show_default=True, help="Seconds to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same run.")
 @click.option("--window", type=click.FloatRange(1, 3600), default=60, show_default=True, help="Telemetry window, s.")
 @click.option("--rate", type=click.FloatRange(0.01, 1000), default=2, show_default=True, help="Inferences/s/device.")
-@click.option("--variant", default="good", show_default=True, help="Example model variant every device runs.")
+@click.option(
+    "--variant", type=click.Choice(VARIANTS), default="good", show_default=True, help="Example model every device runs."
+)
 @click.option("--runtime", "runtime_name", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True)
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Device state folders (default: a temp dir).")
 @click.option("--model-dir", type=click.Path(path_type=Path), help="Model cache (default ~/.cache/edgefleet/models).")
 @click.option("--prefix", default="edgefleet/v1", show_default=True, help="MQTT topic prefix.")
+@click.option(
+    "--id-prefix",
+    default="sim",
+    callback=check_id_prefix,
+    show_default=True,
+    help="Device ids are ID_PREFIX-0000, ID_PREFIX-0001, ...: runs sharing a broker at once need different ones.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-device report as JSON.")
-@click.option("--log-level", default="WARNING", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="warning",
+    show_default=True,
+)
 def run(
     devices: int,
     broker: str,
@@ -60,19 +161,32 @@ def run(
     state_dir: Path | None,
     model_dir: Path | None,
     prefix: str,
+    id_prefix: str,
     as_json: bool,
     log_level: str,
 ) -> None:
-    """Run N simulated devices for a while, then report what each produced and the broker acknowledged."""
-    from firmware_sim.simulator import SimSettings, Simulation
+    """Run N simulated devices for a while, then report what each produced and the broker acknowledged.
 
+    Exit status: 0 when the broker acknowledged every window, 1 when it did not (or the run could not start), 2 on
+    a usage error, 3 when no device could reach the broker. Ctrl-C or SIGTERM ends the run early, with its report.
+    """
+    from firmware_sim.simulator import SimSettings
+
+    try:
+        fdlimit.ensure_open_files(devices)
+    except fdlimit.TooManyDevices as exc:
+        raise click.ClickException(str(exc)) from None
     agent_logs.setup(log_level)
     models = ensure_model(model_dir or default_model_dir(), variant, seed)
-    with tempfile.TemporaryDirectory(prefix="firmware-sim-") as tmp:
+    with ExitStack() as stack:
+        try:
+            root = state_dir or stack.enter_context(rundirs.run_folder())
+        except OSError as exc:
+            raise click.ClickException(f"cannot make a temporary folder for the devices: {exc}") from None
         settings = SimSettings(
             devices=devices,
             broker=broker,
-            state_root=state_dir or Path(tmp),
+            state_root=root,
             model_dir=models,
             duration_s=duration,
             seed=seed,
@@ -81,8 +195,11 @@ def run(
             prefix=prefix,
             model_file="int8.tflite" if runtime_name == "tflite" else "int8.onnx",
             release=f"digits:{variant}",
+            id_prefix=id_prefix,
         )
-        report = Simulation(settings).run()
+        simulation = set_up(settings)
+        with stop_on_signals() as stop:
+            report = simulation.run(until=stop.is_set)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -92,5 +209,4 @@ def run(
             f"{t['windows_produced']} windows produced, {t['windows_acked']} acknowledged, "
             f"{t['windows_dropped']} dropped"
         )
-    lost = report["totals"]["windows_produced"] - report["totals"]["windows_acked"]
-    sys.exit(0 if lost == 0 else 1)
+    sys.exit(exit_status(report, broker))

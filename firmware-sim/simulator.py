@@ -47,6 +47,8 @@ class SimSettings:
     release: str = "digits:1.0.0"
     reconnect_max_s: float = 10.0
     drain_timeout_s: float = 60.0
+    #: How long the drain waits for a first connection when no device has reached the broker during the run.
+    first_connect_s: float = 2.0
     id_prefix: str = "sim"
 
 
@@ -116,6 +118,8 @@ class Simulation:
     settings: SimSettings
     reactor: Reactor = field(default_factory=Reactor)
     devices: list[SimDevice] = field(default_factory=list)
+    #: Called with 1 each time a device is set up (a progress bar's update).
+    progress: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -144,6 +148,8 @@ class Simulation:
                 rng=random.Random(s.seed * 100_003 + i),
             )
             self.devices.append(SimDevice(core, DigitsSensor(frames, labels, rng)))
+            if self.progress:
+                self.progress(1)
 
     def start(self) -> None:
         """Bring devices up spread over one second, as a real fleet never starts in the same millisecond."""
@@ -155,17 +161,38 @@ class Simulation:
             )
         event(log, "sim_started", devices=len(self.devices), broker=self.settings.broker)
 
+    @property
+    def reached_broker(self) -> bool:
+        """Whether any device has connected to the broker in this run."""
+        return any(d.core.link.connects for d in self.devices)
+
     def finish(self) -> None:
-        """Stop the sensors, close every window, wait for the outboxes to drain, disconnect."""
+        """Stop the sensors, close every window, wait for the outboxes to drain.
+
+        The wait ends when every outbox is empty, after ``drain_timeout_s``, or when nothing can be delivered: no
+        device has been connected for ``reconnect_max_s`` (a full reconnect backoff, so every device tried again),
+        or for ``first_connect_s`` when none has reached the broker in the whole run.
+        """
+        s = self.settings
         for device in self.devices:
             if device.timer:
                 device.timer.cancel()
             device.core.finish_windows()
-        drained = self.reactor.run_until(
-            lambda: all(d.core.outbox.stats()["rows"] == 0 for d in self.devices), self.settings.drain_timeout_s
-        )
-        if not drained:
-            event(log, "sim_drain_timeout", logging.WARNING, queued=sum(d.report()["queued"] for d in self.devices))
+        last_connected = time.monotonic()
+
+        def drained_or_stuck() -> bool:
+            nonlocal last_connected
+            if all(d.core.outbox.stats()["rows"] == 0 for d in self.devices):
+                return True
+            now = time.monotonic()
+            if any(d.core.link.connected for d in self.devices):
+                last_connected = now
+            return now - last_connected >= (s.reconnect_max_s if self.reached_broker else s.first_connect_s)
+
+        self.reactor.run_until(drained_or_stuck, s.drain_timeout_s)
+        queued = sum(d.core.outbox.stats()["rows"] for d in self.devices)
+        if queued:
+            event(log, "sim_drain_timeout", logging.WARNING, queued=queued, reached_broker=self.reached_broker)
 
     def close(self) -> None:
         for device in self.devices:
