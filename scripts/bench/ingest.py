@@ -273,9 +273,9 @@ class IngestSubscriber:
     def __init__(self, url: str, client_id: str, db: Path, workers: int) -> None:
         from fleet.ingest.mqtt import Ingest
         from fleet.ingest.workers import TelemetryWorkers, WorkerSpec
-        from fleet.store.sqlite import SqliteStore as Store
+        from fleet.store import open_store
 
-        self.store = Store(db)
+        self.store = open_store(db)
         kinds = (Kind.STATUS, Kind.EVENTS) if workers else protocol.DEVICE_PUBLISHED
         self.ingest = Ingest(self.store, url, client_id=client_id, kinds=kinds)
         spec = WorkerSpec(db, url, protocol.DEFAULT_PREFIX, client_id, client_id, None, "WARNING")
@@ -540,13 +540,13 @@ def _components_main(path: str, conn: Connection) -> None:
     """Single-threaded costs of the ingest's stages in a fresh process, µs per window, best of three passes:
     decoding a payload, and storing decoded windows with their payloads in batches of 100 into a fresh store (as
     the ingest does, at most a batch of decoded windows is alive at a time)."""
-    from fleet.store.sqlite import SqliteStore as Store
+    from fleet.store import open_store
 
     with open(path, "rb") as f:
         sample: list[Message] = pickle.load(f)
     decode_s, store_s = [], []
     for i in range(3):
-        store = Store(Path(path).with_name(f"components-{i}.db"))
+        store = open_store(Path(path).with_name(f"components-{i}.db"))
         decode = write = 0.0
         for j in range(0, len(sample), 100):
             payloads = [payload for _, payload in sample[j : j + 100]]

@@ -154,7 +154,7 @@ def lag_stats(db: Path, arrivals: dict[tuple[str, str, int], float]) -> dict[str
 def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
     from fleet.broker import MosquittoBroker
     from fleet.ingest.mqtt import Ingest
-    from fleet.store.sqlite import SqliteStore as Store
+    from fleet.store import open_store
 
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     result: dict[str, Any] = {"machine": benchinfo.machine(), "settings": settings}
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
     broker = MosquittoBroker(workdir / "broker")
     broker.start()
     assert broker.proc is not None
-    store = Store(workdir / "fleet.db")
+    store = open_store(workdir / "fleet.db")
     ingest = Ingest(store, broker.url, client_id="bench-sim-ingest")
     ingest.start()
     if not ingest.wait_ready(10):
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
                 samples.append((time.time(), cpu))
             fds["simulator"] = max(fds["simulator"], open_fds(sim.pid))
             fds["broker"] = max(fds["broker"], open_fds(broker.proc.pid))
-            if online_at is None and store.summary()["devices"]["online"] >= args.devices:
+            if online_at is None and store.summary().online >= args.devices:
                 online_at = time.time()
             time.sleep(1.0)
         t_exit = time.time()
@@ -270,8 +270,8 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> dict[str, Any]:
         "max_open_files": fds,
         "lag": lag_stats(workdir / "fleet.db", arrivals),
         "fleet": {
-            "devices_seen": summary["devices"]["total"],
-            "rejects": summary["rejects"],
+            "devices_seen": summary.devices,
+            "rejects": summary.rejects,
             "ingest_process_cpu_s": round(own_cpu, 1),
             "broker_cpu_s": round(broker_cpu, 1),
             "stored_s_after_sim_exit": round(t_stored - t_exit, 2),
