@@ -1,11 +1,16 @@
 """`edge-agent`: the on-device daemon and its local commands.
 
 argparse, not click: the device installs without the fleet manager's dependencies.
+
+Every failure a person can fix ends in one line on stderr that says what is wrong and what to change (the file, the
+agent.toml key), and an exit code that scripts and systemd can trust (:data:`EXIT_CODES`, also in ``--help``); the
+structured JSON log lines stay as they are, for machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -16,28 +21,49 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from agent import __version__
+from agent import __version__, runtime
 from agent import logs as agent_logs
-from agent.config import ConfigError, load
+from agent.config import AgentConfig, ConfigError, load
+from agent.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from http.client import HTTPConnection
 
+    from agent.core import AgentCore
+    from agent.reactor import Reactor
+
 DEFAULT_CONFIG = Path(os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml"))
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_MODEL = 0, 1, 2, 3, 4
+#: What each exit code means; stable, so systemd (RestartPreventExitStatus=) and scripts can act on them.
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_FAILURE: "the agent failed (its [api] listen address taken, say), or the local endpoint answered an error",
+    EXIT_USAGE: "bad arguments, or agent.toml (or a file or folder it names) cannot be used",
+    EXIT_NOT_RUNNING: "no agent is running with this agent.toml (status)",
+    EXIT_MODEL: "a model agent.toml names cannot be served (missing, damaged, or its card does not fit)",
+}
 log = logging.getLogger("agent")
 
 
+class CommandError(EdgefleetError):
+    """A command that cannot do its job: ``detail`` says what is wrong, ``fix`` what to change, and it exits with
+    ``exit_code``."""
+
+    def __init__(self, reason: str, detail: str, fix: str, exit_code: int) -> None:
+        super().__init__(reason, detail)
+        self.fix = fix
+        self.exit_code = exit_code
+
+
 def _run(args: argparse.Namespace) -> int:
-    from agent.core import AgentCore
     from agent.reactor import Reactor
     from agent.server import ApiServer
 
     config = load(args.config)
     agent_logs.setup(args.log_level or config.log_level)
     reactor = Reactor()
-    core = AgentCore(config, reactor)
+    core = _core(config, reactor, args.config)
     server = None
     if config.api.enabled:
         try:  # bound before the core starts, so a taken address fails before the agent announces itself
@@ -45,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         except OSError as exc:
             agent_logs.event(log, "api_bind_failed", logging.ERROR, listen=config.api.listen, reason=str(exc))
             core.close()
-            return EXIT_FAILURE
+            raise _unbindable(config.api.listen, exc, args.config) from None
 
     def on_signal(signum: int, _frame: Any) -> None:
         agent_logs.event(log, "signal_received", signal=signal.Signals(signum).name)
@@ -70,6 +96,36 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _core(config: AgentConfig, reactor: Reactor, path: Path) -> AgentCore:
+    """The agent core, or a :class:`CommandError` naming what to fix in agent.toml when it cannot be built."""
+    from agent.core import AgentCore, CardError
+    from agent.outbox import OutboxError
+
+    try:
+        return AgentCore(config, reactor)
+    except runtime.RuntimeLayerError as exc:  # a factory model: an installed release that fails is reverted instead
+        key = "card" if isinstance(exc, CardError) else "path"
+        failed = CommandError("model_unavailable", str(exc), f"it is set by [[models]] {key} in {path}", EXIT_MODEL)
+    except OSError as exc:  # the state folder (or a file in it) cannot be created or opened
+        fix = f"state_dir in {path} must name a folder this user can write"
+        detail = f"cannot use {exc.filename or config.state_dir} ({exc.strerror})"
+        failed = CommandError("state_dir_unusable", detail, fix, EXIT_USAGE)
+    except OutboxError as exc:  # its message names the file and what to do
+        failed = CommandError("outbox_unusable", str(exc), "", EXIT_FAILURE)
+    agent_logs.event(log, "agent_start_failed", logging.ERROR, reason=failed.reason, detail=failed.detail)
+    raise failed
+
+
+def _unbindable(listen: str, exc: OSError, path: Path) -> CommandError:
+    """The endpoint cannot listen: say where, why, and the key that moves it."""
+    if exc.errno == errno.EADDRINUSE:
+        detail = f"{listen} is already in use (another edge-agent running?)"
+    else:
+        detail = f"cannot listen at {listen} ({exc.strerror})"
+    fix = f"set [api] listen in {path} to a free host:port or a unix:/path, or enabled = false"
+    return CommandError("api_unavailable", detail, fix, EXIT_FAILURE)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -87,6 +143,12 @@ def _status(args: argparse.Namespace) -> int:
         status = json.loads(path.read_text())
     except FileNotFoundError:
         status = {"device_id": config.device_id, "running": False, "note": "the agent has not run yet"}
+    except PermissionError:
+        fix = "run it as the agent's user (or with sudo)"
+        raise CommandError("status_unreadable", f"{path} is not readable by this user", fix, EXIT_FAILURE) from None
+    except (OSError, ValueError) as exc:  # a running agent replaces it whole, so a bad one was left by something else
+        fix = "remove it; the agent writes it again when it runs"
+        raise CommandError("status_unreadable", f"cannot read {path} ({exc})", fix, EXIT_FAILURE) from None
     status["running"] = bool(status.get("running")) and _pid_alive(int(status.get("pid", 0)))
     if status.get("updated_at"):
         status["age_s"] = round(time.time() - float(status["updated_at"]), 1)
@@ -109,6 +171,11 @@ def _status(args: argparse.Namespace) -> int:
         if "outbox" in status:
             o = status["outbox"]
             print(f"outbox   {o.get('rows')} queued, {o.get('dropped_total')} dropped in all")
+    if not status["running"]:
+        since = f" (last seen {status['age_s']:g} s ago)" if "age_s" in status else ""
+        start = f"start it: edge-agent run --config {args.config} (or systemctl start edge-agent)"
+        print(f"edge-agent: the agent of {status['device_id']} is not running{since}; {start}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     return EXIT_OK
 
 
@@ -170,21 +237,39 @@ def _call(connection: HTTPConnection, method: str, path: str, body: Any = None) 
     return response.status, json.loads(response.read() or b"{}")
 
 
+def _log_level(value: str) -> str:
+    if value.upper() not in agent_logs.LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(agent_logs.LEVELS)}")
+    return value.upper()
+
+
 def parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
     p = argparse.ArgumentParser(
         prog="edge-agent",
         description="Run quantized models on this device and report aggregated telemetry to the fleet over MQTT. "
         "Raw inputs never leave the device.",
+        epilog=f"exit codes:\n{codes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent in the foreground (systemd-ready; stops cleanly on SIGTERM)")
+    run = sub.add_parser(
+        "run",
+        help="run the agent in the foreground (systemd-ready; stops cleanly on SIGTERM)",
+        epilog=f"exit codes:\n{codes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"agent.toml (default {DEFAULT_CONFIG})")
-    run.add_argument("--log-level", default=None, help="override the config's log level (DEBUG, INFO, ...)")
+    run.add_argument("--log-level", type=_log_level, help="override the config's log level (DEBUG, INFO, ...)")
     run.set_defaults(func=_run)
 
-    status = sub.add_parser("status", help="show what the agent on this device is doing")
+    status = sub.add_parser(
+        "status",
+        help="show what the agent on this device is doing",
+        epilog=f"exits {EXIT_NOT_RUNNING} when the agent is not running (the last status it left is still shown)",
+    )
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"agent.toml (default {DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=_status)
@@ -210,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CommandError as exc:
+        print(f"edge-agent: {exc.detail}; {exc.fix}" if exc.fix else f"edge-agent: {exc.detail}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

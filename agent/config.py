@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 
 from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
+from agent.logs import LEVELS
 
 
 class ConfigError(ValueError):
@@ -211,6 +212,10 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
     if not 0.1 <= api_timeout_s <= 300:
         raise ConfigError(f"[api] timeout_s must be between 0.1 and 300 seconds, got {api_timeout_s}")
 
+    log_level = _get(data, "log_level", str, "agent.toml", "INFO")
+    if log_level.upper() not in LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LEVELS)}, got {log_level!r}")
+
     return AgentConfig(
         device_id=device_id,
         state_dir=state_dir,
@@ -223,7 +228,7 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
         outbox_max_rows=_get(telemetry, "outbox_max_rows", int, "[telemetry]", 10_000),
         outbox_max_bytes=_get(telemetry, "outbox_max_bytes", int, "[telemetry]", 20 * 2**20),
         models=tuple(models),
-        log_level=_get(data, "log_level", str, "agent.toml", "INFO"),
+        log_level=log_level,
         api=ApiConfig(
             enabled=_get(api, "enabled", bool, "[api]", True),
             listen=listen,
@@ -284,9 +289,13 @@ def _update(data: dict[str, Any], base: Path) -> UpdateConfig | None:
 
 def load(path: Path) -> AgentConfig:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; create it (see `edge-agent --help`)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror}); pass a readable agent.toml") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; agent.toml is TOML, which is UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     return parse(data, path.parent.resolve())

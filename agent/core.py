@@ -3,6 +3,7 @@
 The daemon (`edge-agent run`) runs one core on its own reactor; the simulator runs hundreds of cores on one
 shared reactor. Inference may be called from any thread; everything else runs on the reactor thread, except
 installs, which run on the installer's worker thread (agent/update/) when agent.toml has an ``[update]`` table.
+The core is the installer's :class:`~agent.update.host.InstallHost`: the installer sees it through that protocol only.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from agent.logs import event
 from agent.outbox import Outbox
 from agent.protocol import Kind
 from agent.reactor import Reactor, Timer
-from agent.telemetry import WindowAggregator
+from agent.telemetry import Totals, WindowAggregator
 from agent.update.install import Installer
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ class UnknownModel(KeyError):
     """Inference was asked of a model this agent does not serve."""
 
 
+class CardError(runtime.UnsupportedModel, ValueError):
+    """A model's card cannot be read, or does not fit the model: the fix is the card, not the model file.
+
+    An :class:`~agent.runtime.UnsupportedModel` (the model cannot be served as described: an install's activation
+    fails with it) and a ValueError (a bad value in a file), as an unreadable card always was.
+    """
+
+
 def load_configured(cfg: ModelConfig) -> runtime.Model:
     return runtime.load_model(cfg.path, threads=cfg.threads)
 
@@ -58,9 +67,12 @@ def read_card(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model card {path} is unreadable ({exc}); regenerate it with `fleet model example`") from None
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CardError(f"model card {path} is unreadable ({exc}); regenerate it with `fleet model example`") from None
+    if not isinstance(card, dict):
+        raise CardError(f"model card {path} is not a JSON object; regenerate it with `fleet model example`")
+    return card
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,9 @@ class AgentCore:
             backoff=Backoff(maximum=config.reconnect_max_s),
             rng=self._rng,
         )
-        self.installer = Installer(self, config.update) if config.update else None
+        # Built last: the host methods it calls while it recovers (emit, clock, status_changed) need the outbox and
+        # the link above; those it calls later (activate, serving, totals) need the models, which recover() returns.
+        self.installer = Installer(self, config.update, config.models, config.state_dir) if config.update else None
         if self.installer is not None:  # serve what the slots say, once verified (the factory model is the fallback)
             self.models.update(self.installer.recover(self._build))
         else:
@@ -190,17 +204,18 @@ class AgentCore:
     def _build(self, cfg: ModelConfig) -> ServedModel:
         card = read_card(cfg.card)
         model = self._loader(cfg)
-        n_features = int(model.inputs[0].shape[-1] or 0)
-        edges = card.get("drift", {}).get("edges") or [[0.0, 1.0]] * n_features
-        n_classes = int(model.outputs[0].shape[-1] or len(card.get("labels", [])) or 1)
         try:
+            n_features = int(model.inputs[0].shape[-1] or 0)
+            drift = card.get("drift")
+            edges = (drift.get("edges") if isinstance(drift, dict) else None) or [[0.0, 1.0]] * n_features
+            n_classes = int(model.outputs[0].shape[-1] or len(card.get("labels", [])) or 1)
             if len(edges) != n_features:
                 raise ValueError(f"it has drift edges for {len(edges)} features, the model takes {n_features}")
             aggregator = WindowAggregator(cfg.name, cfg.release, edges, n_classes, clock=self.clock)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:  # a card of the wrong shape is as wrong as one that does not fit
             model.close()
             problem = f"model {cfg.name}: the card does not fit {cfg.path.name}: {exc}; fix the card"
-            raise runtime.UnsupportedModel(problem) from exc
+            raise CardError(problem) from exc
         return ServedModel(cfg, model, aggregator)
 
     def activate(self, cfg: ModelConfig) -> ServedModel | None:
@@ -218,6 +233,19 @@ class AgentCore:
             self.reactor.call_soon_threadsafe(lambda: self._send_window(old, self.health.sample()))
         self.reactor.call_soon_threadsafe(self.announce)
         return old
+
+    def serving(self, model: str) -> ModelConfig | None:
+        """What is served as ``model`` now (InstallHost)."""
+        served = self.models.get(model)
+        return served.config if served else None
+
+    def totals(self, model: str) -> Totals:
+        """The served ``model``'s counts since it was activated (InstallHost): what probation judges."""
+        return self.models[model].telemetry.totals()
+
+    def status_changed(self) -> None:
+        """Rewrite the status file on the reactor thread (InstallHost: the installer calls it from its worker)."""
+        self.reactor.call_soon_threadsafe(self.write_status)
 
     # -- inference (any thread) ---------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The project's one error shape: a stable ``reason`` (a counter key, a test's anchor, never reworded) and a
 ``detail`` for people.
 
-Each side has one family built on it: the agent's errors (protocol, desired state, trust, install) subclass
-:class:`EdgefleetError` directly; the fleet's subclass it through ``fleet.errors.FleetError``, which adds the exit
-code a command ends with.
+Each side has one family built on it: the agent's errors (protocol and desired state, trust, install and an illegal
+move of its state table, the ``edge-agent`` command's errors) subclass :class:`EdgefleetError` directly, keeping
+another base only where callers catch it (a ProtocolError is a ValueError); the fleet's subclass it through
+``fleet.errors.FleetError``, which adds the exit code a command ends with.
 """
 
 from __future__ import annotations

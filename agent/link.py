@@ -176,10 +176,6 @@ class MqttLink:
                 break  # connection went away mid-pump; the entry stays stored and is sent after reconnect
             self._inflight[info.mid] = (entry.seq, entry.kind)
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     # -- paho callbacks (reactor thread) ------------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:

@@ -12,6 +12,8 @@ import time
 from typing import Any, TextIO
 
 _FIELDS = "edgefleet_fields"
+#: The levels agent.toml's ``log_level`` and ``--log-level`` take (any case).
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class JsonLineFormatter(logging.Formatter):

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from agent.errors import EdgefleetError
+
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgefleet/v1"
 
@@ -55,13 +57,11 @@ class Kind(enum.StrEnum):
 DEVICE_PUBLISHED = (Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS)
 
 
-class ProtocolError(ValueError):
-    """A payload or topic that breaks the contract. ``reason`` is short and stable (used as a counter key)."""
+class ProtocolError(EdgefleetError, ValueError):
+    """A payload or topic that breaks the contract. ``reason`` is short and stable (used as a counter key).
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+    Also a ValueError: callers that parse input catch ValueError for every kind of malformed value.
+    """
 
 
 def valid_device_id(device_id: str) -> bool:

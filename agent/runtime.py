@@ -26,6 +26,9 @@ and a dequantization table are computed at load time, and a float32 array is pas
 Batches. TFLite models declaring a dynamic batch (shape signature ``-1``) are resized when the batch size changes; a
 fixed batch-1 model is run row by row. Every :class:`Model` is safe to call from several threads (a TFLite
 interpreter is not, so its calls are serialized by a lock).
+
+Size: a little over the house's 500 lines, kept as one module: it is one concept (the contract, its errors and the
+two adapters that keep it), the adapters share the checks above, and the hot path's helpers are module-level names.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ it); any other address is logged as a warning at start.
 
 Models are looked up per request and :meth:`AgentCore.activate` swaps them atomically, so requests made during a
 model update are answered by the old model or the new one, never refused.
+
+Size: this module passes the house's 500 lines on purpose: issue 16 replaces its hand-written HTTP/1.1 server with a
+well-kept server stack, so it is not split before it is replaced.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The hot path (:meth:`WindowAggregator.measure`, about 0.25 µs a call) only queu
 histogrammed in one vectorized pass by :meth:`WindowAggregator.drain` (the agent calls it from its reactor, off the
 hot path), when the queue fills, or at :meth:`WindowAggregator.flush`.
 Everything a window holds is an integer count with fixed bins, so windows merge exactly by summing
-(:func:`merge_windows`), across time and across devices.
+(:func:`agent.histograms.merge_windows`), across time and across devices.
 
 Conventions (the fleet relies on them):
 
@@ -28,15 +28,15 @@ Conventions (the fleet relies on them):
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from agent.histograms import FEEDBACK
 from agent.protocol import CONFIDENCE_BINS, FEATURE_EXTRA_BINS, LATENCY_EDGES_MS
 
 #: Each feature value is binned by counting the thresholds it passes: its feature's ``edges[:-1]`` as ">=" and
@@ -58,9 +58,6 @@ _QUEUE_BYTES = 1 << 18
 _CHUNK_CELLS = 1 << 18
 _SENTINEL = 1 << 32
 
-#: Confusion matrices are only sent when feedback arrived; the window's key for them.
-_FEEDBACK = "feedback"
-_COUNT_LISTS = ("latency", "confidence", "classes")
 _LATENCY_EDGES = np.asarray(LATENCY_EDGES_MS, np.float64)
 
 
@@ -88,17 +85,9 @@ class Totals:
 
     count: int
     errors: int
-    #: Rows per latency bucket, over ``LATENCY_EDGES_MS`` plus the overflow, as in a window.
+    #: Rows per latency bucket, over ``LATENCY_EDGES_MS`` plus the overflow, as in a window
+    #: (:func:`agent.histograms.latency_quantile_ms` reads it).
     latency: tuple[int, ...]
-
-    def latency_quantile_ms(self, q: float) -> float:
-        """The upper edge of the bucket holding quantile ``q`` of the rows (inf in the overflow, 0 with no rows)."""
-        total = sum(self.latency)
-        if not total:
-            return 0.0
-        rank = max(1, math.ceil(q * total))
-        bucket = int(np.searchsorted(np.cumsum(self.latency), rank, side="left"))
-        return LATENCY_EDGES_MS[bucket] if bucket < len(LATENCY_EDGES_MS) else math.inf
 
 
 class WindowAggregator:
@@ -281,7 +270,7 @@ class WindowAggregator:
                 "features": features.tolist(),
             }
             if self._feedback is not None:
-                window[_FEEDBACK] = self._feedback.tolist()
+                window[FEEDBACK] = self._feedback.tolist()
             self._reset(end)
         return window
 
@@ -341,44 +330,3 @@ class WindowAggregator:
         np.minimum(scaled, CONFIDENCE_BINS - 1, out=scaled)
         self._confidence += np.bincount(scaled.astype(np.intp), minlength=CONFIDENCE_BINS)
         self._classes += np.bincount(predicted, minlength=self.n_classes)
-
-
-def merge_windows(windows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Sum windows of one model and release into one window over their time span. Exact: counts are integers.
-
-    Envelope fields (device, seq, dropped, health) are ignored; the result has the fields of
-    :meth:`WindowAggregator.flush`. ``feedback`` is present if any input has it. Windows of different models or
-    releases, or with differently shaped counts, raise ValueError: their bins need not mean the same thing.
-    """
-    items = list(windows)
-    if not items:
-        raise ValueError("no windows to merge")
-    first = items[0]
-    for w in items[1:]:
-        if (w["model"], w["release"]) != (first["model"], first["release"]):
-            raise ValueError(
-                f"cannot merge windows of {w['model']}@{w['release']!r} into {first['model']}@{first['release']!r}"
-            )
-    merged: dict[str, Any] = {
-        "model": first["model"],
-        "release": first["release"],
-        "window_start": min(w["window_start"] for w in items),
-        "window_end": max(w["window_end"] for w in items),
-        "count": sum(int(w["count"]) for w in items),
-        "errors": sum(int(w["errors"]) for w in items),
-    }
-    for key in (*_COUNT_LISTS, "features"):
-        merged[key] = _sum_counts(key, [w[key] for w in items])
-    with_feedback = [w[_FEEDBACK] for w in items if _FEEDBACK in w]
-    if with_feedback:
-        merged[_FEEDBACK] = _sum_counts(_FEEDBACK, with_feedback)
-    return merged
-
-
-def _sum_counts(key: str, values: list[Any]) -> list[Any]:
-    arrays = [np.asarray(v, dtype=np.int64) for v in values]
-    shape = arrays[0].shape
-    if any(a.shape != shape for a in arrays):
-        raise ValueError(f"{key}: windows have different shapes {sorted({a.shape for a in arrays})}")
-    total: list[Any] = np.sum(arrays, axis=0, dtype=np.int64).tolist()
-    return total

@@ -53,6 +53,7 @@ def test_a_complete_config_loads_with_paths_relative_to_the_file(tmp_path: Path)
         (('state_dir = "state"', ""), "state_dir"),
         (('device_id = "pi-01"', 'device_id = "pi-01"\nunknown = 1'), "unknown"),
         (('broker = "mqtts://broker.example:8883"', 'broker = "mqtt://broker.example:1883"'), "mqtts"),
+        (('device_id = "pi-01"', 'device_id = "pi-01"\nlog_level = "chatty"'), "log_level must be one of"),
     ],
 )
 def test_a_broken_config_is_refused_naming_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -63,6 +64,20 @@ def test_a_broken_config_is_refused_naming_the_key(tmp_path: Path, change: tuple
 def test_a_missing_file_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load(tmp_path / "nope.toml")
+
+
+def test_a_config_path_that_cannot_be_read_as_text_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file .* \(Is a directory\)"):
+        load(tmp_path)
+    binary = tmp_path / "agent.toml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load(binary)
+
+
+def test_the_log_level_is_one_of_loggings_in_any_case(tmp_path: Path) -> None:
+    text = GOOD.replace('state_dir = "state"', 'state_dir = "state"\nlog_level = "debug"')
+    assert load(write(tmp_path, text)).log_level == "debug"
 
 
 def test_invalid_toml_is_reported_as_such(tmp_path: Path) -> None:

@@ -33,10 +33,11 @@ from agent.config import AgentConfig, ModelConfig, UpdateConfig
 from agent.core import AgentCore
 from agent.reactor import Reactor
 from agent.telemetry import WindowAggregator
-from agent.update.install import FAULT_KILL_AT, ProbationLimits
+from agent.update.install import FAULT_KILL_AT
+from agent.update.probation import ProbationLimits
 from agent.update.smoke import FAULT_SMOKE, run_smoke_test
 from fleet.broker import MosquittoBroker, free_port
-from fleet.trust.repository import ReleaseInfo
+from fleet.trust.releases import ReleaseInfo
 
 DAY = 86400.0
 INSTALL_STATES = ["DOWNLOADING", "VERIFYING", "STAGED", "SMOKE_TEST", "ACTIVATING", "PROBATION", "COMMITTED"]

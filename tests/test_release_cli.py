@@ -43,7 +43,7 @@ from agent.broker_address import BrokerAddress
 from agent.protocol import Kind
 from agent.update.desired import DesiredStateError, load_director_key, verify_desired
 from fleet import views
-from fleet.broker import MosquittoBroker
+from fleet.broker import MosquittoBroker, free_port
 from fleet.cli import main
 from fleet.store import open_store
 from fleet.store.audit import audit_hash
@@ -727,8 +727,9 @@ def test_a_device_enrolled_by_the_fleet_installs_the_release_the_fleet_assigns(
     publish(served.home, example_model("better") / "int8.onnx", "digits:1.1.0")
     device = device_name("pi-e2e")
     bundle = tmp_path / "bundle"
+    # A port of its own: the API's default port may be taken on this machine.
     ok_json("enroll", device, "--out", bundle, "--model-dir", digits, "--state-dir", tmp_path / "state",
-            "--home", served.home)  # fmt: skip
+            "--listen", f"127.0.0.1:{free_port()}", "--home", served.home)  # fmt: skip
     config = bundle / "agent.toml"
     config.write_text(config.read_text().replace("[update]\n", "[update]\nprobation_s = 0.5\n"))  # a quick commit
     log = (tmp_path / "agent.log").open("w")

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import protocol
+from agent.histograms import merge_windows
 from agent.protocol import CONFIDENCE_BINS, FEATURE_EXTRA_BINS, LATENCY_EDGES_MS, Kind
-from agent.telemetry import WindowAggregator, merge_windows
+from agent.telemetry import WindowAggregator
 
 
 class FakeClock:

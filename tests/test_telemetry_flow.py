@@ -16,7 +16,7 @@ import pytest
 
 from agent.broker_address import TlsFiles
 from firmware_sim.simulator import SimSettings, Simulation
-from fleet.broker import MosquittoBroker
+from fleet.broker import MosquittoBroker, free_port
 from fleet.ingest.mqtt import Ingest
 from fleet.store.sqlite import Store
 
@@ -101,6 +101,9 @@ keepalive = 5
 
 [telemetry]
 window_s = 1
+
+[api]
+listen = "127.0.0.1:{free_port()}"
 
 [[models]]
 name = "digits"

@@ -1,32 +1,21 @@
-"""Installing releases on the device: one explicit state machine per model, persisted before every step.
+"""Installing releases on the device: the installer, one install at a time, each step persisted before it runs.
 
-The states and their transitions are :data:`TRANSITIONS`, and :meth:`Installer._enter` takes no other::
+The order of the steps is the table of :mod:`agent.update.states`: :meth:`Installer._drive` enters a state, runs
+that state's step (one method each, from :meth:`Installer._fetch` to :meth:`Installer._probation`), and moves on
+with ``Event.DONE``; every move goes through :func:`~agent.update.states.next_state`. A failure anywhere
+(``Event.FAIL``) reverts: what was staged is dropped; if the failing release is active, ``previous`` is put back
+(else the factory model). The outcome event is ``install_failed`` when the release never served, ``rolled_back``
+when it did. The installer knows the agent only as an :class:`~agent.update.host.InstallHost`.
 
-    IDLE/COMMITTED -> DOWNLOADING -> VERIFYING -> STAGED -> SMOKE_TEST -> ACTIVATING -> PROBATION -> COMMITTED
-    any state but REVERTING -> REVERTING -> IDLE          (a failure, a newer desired state, a damaged slot)
+Each state is persisted (:class:`~agent.update.slots.SlotStore`) before its work begins. After a SIGKILL at any
+instant the next start does :data:`~agent.update.states.ON_RESTART`, before any model is served and without the
+network; each start in the middle of an install counts as a restart (a clean stop does not), and at
+``crash_loop_limit`` restarts the install is reverted instead, so a release that crashes the agent is undone even
+with no network.
 
-- DOWNLOADING: TUF refresh; the director's entry must match TUF's target (both keys agree), with release >=
-  min_release, a runtime and hardware this device has, and a size within ``max_download_mb``; then the bounded,
-  resumable download (a file this device already holds intact is not fetched again).
-- VERIFYING: the file at rest is checked against the signed sha256 and length and put under its content name.
-- STAGED: it is the ``staged`` slot, with its signed card.
-- SMOKE_TEST: :mod:`agent.update.smoke` runs the card's signed samples in a child process.
-- ACTIVATING: :meth:`AgentCore.activate` loads it and swaps it in; one transaction then makes it ``active``, the old
-  active ``previous``, and enters PROBATION.
-- PROBATION: N inferences or T seconds healthy (:class:`ProbationLimits`: error rate, p95 latency) -> COMMITTED.
-- REVERTING: drop what was staged; if the failing release is active, put ``previous`` back (else the factory
-  model). The outcome event is ``install_failed`` when the release never served, ``rolled_back`` when it did.
-
-Each state is persisted (:class:`~agent.update.slots.SlotStore`) before its work
-begins. After a SIGKILL at any instant the
-next start does :data:`ON_RESTART`, before any model is served and without the network; each start in the middle of
-an install counts as a restart (a clean stop does not), and at ``crash_loop_limit`` restarts the install is reverted
-instead, so a release that crashes the agent is undone even with no network.
-
-Desired state: :meth:`Installer.on_command` (reactor thread) verifies the director's signed state
-(:func:`agent.update.desired.verify_desired`, with the last accepted seq persisted) and hands the newest accepted one to
-the worker thread, which reconciles each model against it, one install at a time. A newer accepted state
-supersedes the install under way at its next step (downloads and smoke tests finish or time out first).
+Desired state: :class:`~agent.update.intake.DesiredIntake` (reactor thread) hands the newest accepted one to the
+worker thread, which reconciles each model against it, one install at a time. A newer accepted state supersedes the
+install under way at its next step (downloads and smoke tests finish or time out first).
 
 Events: ``desired_rejected`` (reason), ``desired_accepted``, ``install_state`` on every transition, and one outcome
 per install: ``install_committed``, ``install_failed`` or ``rolled_back`` (with reason and detail).
@@ -38,36 +27,35 @@ evented) that state, to prove the restart table. Never set it in production.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
-from enum import Enum, StrEnum
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
 
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
 from agent import runtime
 from agent.config import ConfigError, ModelConfig, UpdateConfig
+from agent.errors import EdgefleetError
 from agent.logs import event
 from agent.protocol import Kind
 from agent.targets import parse_target_path
-from agent.telemetry import Totals
-from agent.update.desired import DesiredModel, DesiredState, DesiredStateError, load_director_key, verify_desired
+from agent.update.desired import DesiredModel, DesiredState, DesiredStateError, load_director_key
+from agent.update.host import InstallHost
+from agent.update.intake import DesiredIntake
+from agent.update.probation import ProbationLimits
+from agent.update.record import InstallRecord, install_status, release_name
 from agent.update.slots import ModelSlots, SlotRecord, SlotStore, factory_record, file_problem, slot_problem
 from agent.update.smoke import run_smoke_test
-from agent.update.tuf_client import ReleaseFetcher, TrustError
-
-if TYPE_CHECKING:
-    from agent.core import AgentCore, ServedModel
+from agent.update.states import AT_REST, ON_RESTART, Event, IllegalTransition, Restart, State, next_state
+from agent.update.tuf_client import ReleaseFetcher, TrustError, VerifiedTarget
 
 log = logging.getLogger(__name__)
 
@@ -81,69 +69,8 @@ _DETAIL_CHARS = 300
 T = TypeVar("T")
 
 
-class State(StrEnum):
-    IDLE = "IDLE"
-    DOWNLOADING = "DOWNLOADING"
-    VERIFYING = "VERIFYING"
-    STAGED = "STAGED"
-    SMOKE_TEST = "SMOKE_TEST"
-    ACTIVATING = "ACTIVATING"
-    PROBATION = "PROBATION"
-    COMMITTED = "COMMITTED"
-    REVERTING = "REVERTING"
-
-
-_S = State
-#: Every transition an install may take. DOWNLOADING from a later state before ACTIVATING is the restart of an
-#: install a crash interrupted; REVERTING from IDLE or COMMITTED is a damaged active slot found at start-up.
-TRANSITIONS: Mapping[State, frozenset[State]] = MappingProxyType(
-    {
-        _S.IDLE: frozenset({_S.DOWNLOADING, _S.REVERTING}),
-        _S.COMMITTED: frozenset({_S.DOWNLOADING, _S.REVERTING}),
-        _S.DOWNLOADING: frozenset({_S.DOWNLOADING, _S.VERIFYING, _S.REVERTING}),
-        _S.VERIFYING: frozenset({_S.DOWNLOADING, _S.STAGED, _S.REVERTING}),
-        _S.STAGED: frozenset({_S.DOWNLOADING, _S.SMOKE_TEST, _S.REVERTING}),
-        _S.SMOKE_TEST: frozenset({_S.DOWNLOADING, _S.ACTIVATING, _S.REVERTING}),
-        _S.ACTIVATING: frozenset({_S.PROBATION, _S.REVERTING}),
-        _S.PROBATION: frozenset({_S.COMMITTED, _S.REVERTING}),
-        _S.REVERTING: frozenset({_S.IDLE}),
-    }
-)
-
-
-class Restart(Enum):
-    """What a start does for a model found in each state (after a SIGKILL, a power cut, or a clean stop)."""
-
-    NOTHING = "serve the active slot"
-    RESTART = "the active model was never touched: serve it; the worker restarts the install from DOWNLOADING"
-    COMPLETE_ACTIVATION = "re-verify the staged release and make it active (PROBATION), or revert if it fails"
-    CONTINUE_PROBATION = "serve the release on probation and start its probation over"
-    COMPLETE_REVERT = "finish the revert before anything is served"
-
-
-ON_RESTART: Mapping[State, Restart] = MappingProxyType(
-    {
-        _S.IDLE: Restart.NOTHING,
-        _S.COMMITTED: Restart.NOTHING,
-        _S.DOWNLOADING: Restart.RESTART,
-        _S.VERIFYING: Restart.RESTART,
-        _S.STAGED: Restart.RESTART,
-        _S.SMOKE_TEST: Restart.RESTART,
-        _S.ACTIVATING: Restart.COMPLETE_ACTIVATION,
-        _S.PROBATION: Restart.CONTINUE_PROBATION,
-        _S.REVERTING: Restart.COMPLETE_REVERT,
-    }
-)
-_AT_REST = frozenset({State.IDLE, State.COMMITTED})
-
-
-class InstallError(Exception):
+class InstallError(EdgefleetError):
     """An install that cannot go on. ``reason`` is short and stable (a counter key); ``detail`` explains."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class _Superseded(Exception):
@@ -154,132 +81,37 @@ class _Stopping(Exception):
     """The agent is shutting down: leave the install where it is; the next start resumes it."""
 
 
-def release_name(entry: DesiredModel) -> str:
-    """The release as the agent reports it (``name:version``), as in agent.toml and telemetry."""
-    return f"{entry.name}:{entry.version}"
+@dataclass
+class _Job:
+    """What one run of the steps learns and hands to the next steps (a resumed install starts from DOWNLOADING)."""
+
+    target: VerifiedTarget | None = None
+    path: Path | None = None
+    staged: SlotRecord | None = None
 
 
 @dataclass(frozen=True)
-class InstallRecord:
-    """A model's install, as persisted beside its slots."""
+class _Entry:
+    """What a step's success persists together with the next state, in the same transaction."""
 
-    state: State = State.IDLE
-    #: The desired state this model last acted on, and the director's entry for it.
-    seq: int = -1
-    target: DesiredModel | None = None
-    reason: str = ""
-    detail: str = ""
-    #: Starts of the agent since the install began (not counting clean stops): the crash-loop counter.
-    restarts: int = 0
-    clean_stop: bool = False
-    #: In REVERTING: whether the failing release is the active one (so ``previous`` must be put back).
-    revert_active: bool = False
+    slots: ModelSlots | None = None
     outcome: Mapping[str, Any] | None = None
-
-    @property
-    def release(self) -> str:
-        return release_name(self.target) if self.target else ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "state": self.state.value, "outcome": dict(self.outcome or {}) or None}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> InstallRecord:
-        if not data:
-            return cls()
-        target = data.get("target")
-        return cls(
-            **{**data, "state": State(data["state"]), "target": DesiredModel(**target) if target else None},
-        )
-
-
-@dataclass(frozen=True)
-class Verdict:
-    done: bool
-    reason: str = ""
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class ProbationLimits:
-    """What a new release must show in service before it is committed."""
-
-    inferences: int
-    seconds: float
-    max_error_rate: float
-    latency_p95_ms: float | None
-
-    @classmethod
-    def for_release(cls, card: Mapping[str, Any], config: UpdateConfig) -> ProbationLimits:
-        """The card's signed ``probation`` section where it has one, else the device's defaults.
-
-        ``{"inferences", "seconds", "max_error_rate", "latency_p95_ms"}``; the latency budget defaults to the smoke
-        test's (a per-row budget: releases whose callers batch should sign ``latency_p95_ms``).
-        """
-        signed = card.get("probation")
-        signed = signed if isinstance(signed, Mapping) else {}
-        smoke = card.get("smoke_test")
-        smoke = smoke if isinstance(smoke, Mapping) else {}
-
-        def pick(value: Any, default: Any, low: float = 0.0) -> Any:
-            fine = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            return value if fine and value >= low else default
-
-        return cls(
-            inferences=int(pick(signed.get("inferences"), config.probation_inferences, 1)),
-            seconds=float(pick(signed.get("seconds"), config.probation_s)),
-            max_error_rate=min(1.0, float(pick(signed.get("max_error_rate"), config.max_error_rate))),
-            latency_p95_ms=pick(signed.get("latency_p95_ms"), pick(smoke.get("latency_budget_ms"), None)),
-        )
-
-    def judge(self, totals: Totals, elapsed_s: float) -> Verdict:
-        """Fail as soon as the errors exceed what N inferences allow; else pass at N inferences or T seconds."""
-        n, errors = totals.count, totals.errors
-        if errors > self.max_error_rate * max(n, self.inferences):
-            limit = f"at most {self.max_error_rate:.0%} of {max(n, self.inferences)}"
-            return Verdict(True, "probation_errors", f"{errors} of {n} inferences failed ({limit} allowed)")
-        if n < self.inferences and elapsed_s < self.seconds:
-            return Verdict(False)
-        p95 = totals.latency_quantile_ms(0.95)
-        if self.latency_p95_ms is not None and p95 > self.latency_p95_ms:
-            detail = f"p95 latency {p95:.3g} ms > {self.latency_p95_ms:g} ms over {n} inferences"
-            return Verdict(True, "probation_latency", detail)
-        return Verdict(True)
-
-
-def _desired_to_dict(state: DesiredState, sha256: str) -> dict[str, Any]:
-    return {
-        "seq": state.seq,
-        "sha256": sha256,
-        "issued": state.issued,
-        "expires": state.expires,
-        "campaign": state.campaign,
-        "models": {name: asdict(entry) for name, entry in state.models.items()},
-    }
-
-
-def _desired_from_dict(data: Mapping[str, Any], device_id: str) -> DesiredState:
-    """The desired state this device accepted (verified then, so read back from its own durable state as is)."""
-    models = {name: DesiredModel(**entry) for name, entry in data["models"].items()}
-    return DesiredState(
-        device_id, data["seq"], data["issued"], data["expires"], data["campaign"], MappingProxyType(models)
-    )
 
 
 class Installer:
     """Updates of one agent's models: desired state in, verified releases out, one install at a time.
 
     Threads: :meth:`on_command` runs on the reactor thread; installs (TUF, downloads, smoke tests, probation) on
-    the installer's own worker thread; :meth:`recover` runs in the core's constructor, before anything is served.
+    the installer's own worker thread; :meth:`recover` runs in the host's constructor, before anything is served.
+    ``models`` are agent.toml's ``[[models]]``: the models it updates, and each one's factory fallback.
     """
 
-    def __init__(self, core: AgentCore, config: UpdateConfig) -> None:
-        self._core = core
+    def __init__(self, host: InstallHost, config: UpdateConfig, models: Sequence[ModelConfig], state_dir: Path) -> None:
+        self._host = host
         self._config = config
-        self._factory = {m.name: m for m in core.config.models}
-        self._factory_records: dict[str, SlotRecord] = {}
+        self._factory = {m.name: m for m in models}
         try:
-            self._director_key = load_director_key(config.director_key.read_bytes())
+            director_key = load_director_key(config.director_key.read_bytes())
             trusted_root = config.trusted_root.read_bytes()
             Metadata[Root].from_bytes(trusted_root)
         except OSError as exc:
@@ -288,7 +120,6 @@ class Installer:
             raise ConfigError(f"[update] director_key {config.director_key}: not a director key ({exc})") from None
         except DeserializationError as exc:
             raise ConfigError(f"[update] trusted_root {config.trusted_root}: not a TUF root ({exc})") from None
-        state_dir = core.config.state_dir
         self._store = SlotStore(state_dir)
         self._fetcher = ReleaseFetcher(
             state_dir,
@@ -297,10 +128,22 @@ class Installer:
             config.max_download_bytes,
             config.download_deadline_s,
             runtimes=runtime.runtime_names(),
-            clock=core.clock,
+            clock=host.clock,
         )
-        self._records: dict[str, InstallRecord] = {}
+        self._factory_records = {m.name: factory_record(m) for m in models}
         self._slots: dict[str, ModelSlots] = {}
+        self._records: dict[str, InstallRecord] = {}
+        for m in models:
+            slots, stored = self._store.load(m.name)
+            self._slots[m.name], self._records[m.name] = slots, InstallRecord.from_dict(stored)
+        self._steps: Mapping[State, Callable[[str, _Job], _Entry]] = {
+            State.DOWNLOADING: self._fetch,
+            State.VERIFYING: self._verify,
+            State.STAGED: self._hold,
+            State.SMOKE_TEST: self._smoke_test,
+            State.ACTIVATING: self._activate,
+            State.PROBATION: self._probation,
+        }
         self._status: dict[str, dict[str, Any]] = {}
         self._status_lock = threading.Lock()
         self._wake = threading.Condition()
@@ -308,23 +151,16 @@ class Installer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._kill_at = os.environ.get(FAULT_KILL_AT)
-        accepted = self._store.get("desired") or {}
-        self._accepted = accepted
-        self._last_seq: int = accepted.get("seq", -1)
-        self._accepted_sha256: str = accepted.get("sha256", "")
-        self._rejected = ("", "")
+        self._intake = DesiredIntake(host, self._store, director_key, self._factory, self._hand_over)
 
-    # -- start-up (core constructor) ----------------------------------------------------------------------------
+    # -- start-up (host constructor) ----------------------------------------------------------------------------
 
-    def recover(self, build: Callable[[ModelConfig], ServedModel]) -> dict[str, ServedModel]:
+    def recover(self, build: Callable[[ModelConfig], T]) -> dict[str, T]:
         """Settle every model after whatever ended the last run, then build what to serve: a verified model."""
         served = {}
-        for cfg in self._core.config.models:
-            self._factory_records[cfg.name] = factory_record(cfg)
-            slots, stored = self._store.load(cfg.name)
-            self._slots[cfg.name], self._records[cfg.name] = slots, InstallRecord.from_dict(stored)
-            self._restart(cfg.name)
-            served[cfg.name] = self._serve_active(cfg.name, build)
+        for name in self._factory:
+            self._restart(name)
+            served[name] = self._serve_active(name, build)
         return served
 
     def _restart(self, name: str) -> None:
@@ -339,7 +175,7 @@ class Installer:
             self._finish_revert(name)
             return
         rec = replace(rec, restarts=rec.restarts + (0 if rec.clean_stop else 1), clean_stop=False)
-        self._core.emit("install_resumed", model=name, state=rec.state.value, release=rec.release, seq=rec.seq,
+        self._host.emit("install_resumed", model=name, state=rec.state.value, release=rec.release, seq=rec.seq,
                         restarts=rec.restarts, action=action.name)  # fmt: skip
         if rec.restarts >= self._config.crash_loop_limit:
             self._records[name] = rec
@@ -354,7 +190,7 @@ class Installer:
             if problem:
                 self._revert(name, "staged_damaged", problem, revert_active=False)
             else:
-                self._enter(name, State.PROBATION, slots=ModelSlots(active=slots.staged, previous=slots.active))
+                self._enter(name, Event.DONE, slots=ModelSlots(active=slots.staged, previous=slots.active))
 
     def _serve_active(self, name: str, load: Callable[[ModelConfig], T]) -> T:
         """Load the active slot if it verifies and loads; else revert to the next fallback, down to the factory."""
@@ -372,9 +208,8 @@ class Installer:
 
     def start(self) -> None:
         """Start the worker; it first reconciles the last accepted desired state (resuming what a crash cut)."""
-        if self._accepted:
-            self._todo = _desired_from_dict(self._accepted, self._core.device_id)
-        self._thread = threading.Thread(target=self._run, name=f"install-{self._core.device_id}", daemon=True)
+        self._todo = self._intake.accepted
+        self._thread = threading.Thread(target=self._run, name=f"install-{self._host.device_id}", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -385,38 +220,19 @@ class Installer:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():  # blocked in a download or a smoke test: it dies with the process
-                event(log, "install_worker_busy_at_exit", logging.WARNING, device_id=self._core.device_id)
+                event(log, "install_worker_busy_at_exit", logging.WARNING, device_id=self._host.device_id)
                 return
         self._store.close()
 
     # -- desired state (reactor thread) -------------------------------------------------------------------------
 
     def on_command(self, kind: Kind, payload: bytes) -> None:
-        """A message on the device's desired or cmd topic: verify, persist the seq, hand the state to the worker."""
-        if kind is not Kind.DESIRED:
-            event(log, "command_ignored", logging.WARNING, device_id=self._core.device_id, kind=kind.value)
-            return
-        digest = hashlib.sha256(payload).hexdigest()
-        if digest == self._accepted_sha256:
-            return  # the retained state, delivered again on reconnect: already acted on
-        try:
-            core = self._core
-            state = verify_desired(payload, self._director_key, core.device_id, self._last_seq, core.clock())
-        except DesiredStateError as exc:
-            # Checked again on every delivery (a clock set right makes it valid), reported once per payload and reason.
-            if (digest, exc.reason) != self._rejected:
-                self._rejected = (digest, exc.reason)
-                self._core.emit("desired_rejected", reason=exc.reason, detail=exc.detail[:_DETAIL_CHARS])
-            return
-        self._store.put("desired", _desired_to_dict(state, digest))
-        self._last_seq, self._accepted_sha256 = state.seq, digest
-        releases = {name: release_name(entry) for name, entry in state.models.items()}
-        self._core.emit("desired_accepted", seq=state.seq, campaign=state.campaign, models=releases)
-        for name in sorted(set(state.models) - set(self._factory)):
-            self._core.emit("install_failed", model=name, release=releases[name], seq=state.seq,
-                            reason="unknown_model", detail="not a [[models]] entry of agent.toml")  # fmt: skip
+        """A message on the device's desired or cmd topic (see :class:`~agent.update.intake.DesiredIntake`)."""
+        self._intake.on_command(kind, payload)
+
+    def _hand_over(self, desired: DesiredState) -> None:
         with self._wake:
-            self._todo = state
+            self._todo = desired
             self._wake.notify_all()
 
     # -- the worker ---------------------------------------------------------------------------------------------
@@ -434,7 +250,7 @@ class Installer:
             except _Stopping:
                 return
             except Exception:  # a bug must not end updates for good: report it, wait for the next desired state
-                event(log, "install_worker_failed", logging.ERROR, device_id=self._core.device_id, exc_info=True)
+                event(log, "install_worker_failed", logging.ERROR, device_id=self._host.device_id, exc_info=True)
 
     def _reconcile(self, desired: DesiredState) -> None:
         """Bring each model to what ``desired`` says, one at a time; return early when a newer state is waiting."""
@@ -444,10 +260,10 @@ class Installer:
                     return
             entry = desired.models.get(name)
             rec = self._records[name]
-            if rec.state not in _AT_REST:
+            if rec.state not in AT_REST:
                 if entry == rec.target:  # resume: the outcome answers the newest state that asks for it
                     self._records[name] = replace(rec, seq=desired.seq)
-                    self._attempt(name, self._probation if rec.state is State.PROBATION else self._download)
+                    self._attempt(name, None if rec.state is State.PROBATION else Event.RESUME)
                     continue
                 wanted = release_name(entry) if entry else "no release"
                 self._fail(name, "superseded", f"desired state {desired.seq} wants {wanted}")
@@ -460,17 +276,17 @@ class Installer:
                 self._report(name)
                 continue
             self._records[name] = replace(rec, seq=desired.seq, target=entry, restarts=0)
-            self._attempt(name, self._download)
+            self._attempt(name, Event.START)
 
     def _is_active(self, name: str, entry: DesiredModel) -> bool:
         active = self._slots[name].active or self._factory_records[name]
         return active.sha256 == entry.sha256 and active.release == release_name(entry)
 
-    def _attempt(self, name: str, steps: Callable[[str], None]) -> None:
-        """Run install steps; turn any failure into a revert with its reason."""
+    def _attempt(self, name: str, begin: Event | None) -> None:
+        """Drive the install (see :meth:`_drive`); turn any failure into a revert with its reason."""
         try:
-            steps(name)
-        except (InstallError, TrustError) as exc:
+            self._drive(name, begin)
+        except (InstallError, TrustError, IllegalTransition) as exc:
             self._fail(name, exc.reason, exc.detail)
         except _Superseded as exc:
             self._fail(name, "superseded", str(exc))
@@ -486,47 +302,72 @@ class Installer:
             event(log, "install_internal_error", logging.ERROR, model=name, exc_info=True)
             self._fail(name, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    def _download(self, name: str) -> None:
-        """DOWNLOADING through PROBATION for the record's target."""
+    def _drive(self, name: str, begin: Event | None) -> None:
+        """Take ``begin`` (START a new install, RESUME one a restart cut before activation, or None to go on in the
+        state it is in), then run each state's step and move on by the table until the install is at rest."""
+        if begin is not None:
+            self._enter(name, begin)
+        job = _Job()
+        while (state := self._records[name].state) not in AT_REST:
+            done = self._steps[state](name, job)
+            self._enter(name, Event.DONE, slots=done.slots, outcome=done.outcome)
+        self._store.collect_garbage(name, self._slots[name])
+
+    # -- the steps: each runs in its persisted state and returns what to persist with the next --------------------
+
+    def _fetch(self, name: str, job: _Job) -> _Entry:
+        """DOWNLOADING: both keys must agree on the target; then the file, unless it is here intact already."""
         entry = self._records[name].target
         assert entry is not None
-        self._enter(name, State.DOWNLOADING)
         self._fetcher.refresh()
-        target = self._fetcher.resolve(entry)
+        job.target = target = self._fetcher.resolve(entry)
         self._check(name)
-        path = self._store.cached(name, target.sha256, target.length, target.runtime)
-        if path is None:
-            path = self._fetcher.download(target, self._store.incoming_dir(name))
+        job.path = self._store.cached(name, target.sha256, target.length, target.runtime)
+        if job.path is None:
+            job.path = self._fetcher.download(target, self._store.incoming_dir(name))
         self._check(name)
+        return _Entry()
 
-        self._enter(name, State.VERIFYING)
+    def _verify(self, name: str, job: _Job) -> _Entry:
+        """VERIFYING: the file at rest against the signed hash and length, then under its content name, staged."""
+        entry, target, path = self._records[name].target, job.target, job.path
+        assert entry is not None and target is not None and path is not None
         problem = file_problem(path, target.sha256, target.length)
         if problem:
             raise InstallError(problem.split(":")[0], f"{path.name} at rest: {problem}")
         fields = {"release": release_name(entry), "counter": target.release, "sha256": target.sha256,
                   "length": target.length, "runtime": target.runtime, "target": target.path}  # fmt: skip
-        staged = self._store.stage(name, path, fields, target.card)
-        self._enter(name, State.STAGED, slots=replace(self._slots[name], staged=staged))
-        self._check(name)
+        job.staged = self._store.stage(name, path, fields, target.card)
+        return _Entry(slots=replace(self._slots[name], staged=job.staged))
 
-        self._enter(name, State.SMOKE_TEST)
+    def _hold(self, name: str, _job: _Job) -> _Entry:
+        """STAGED: nothing to do but give way to a newer desired state before the smoke test starts."""
+        self._check(name)
+        return _Entry()
+
+    def _smoke_test(self, name: str, job: _Job) -> _Entry:
+        """SMOKE_TEST: the card's signed samples through the staged file, in a child process."""
+        target, staged = job.target, job.staged
+        assert target is not None and staged is not None
         _, _, file_name = parse_target_path(target.path)
         result = run_smoke_test(staged.path, staged.runtime, target.card, file_name, self._config.smoke_timeout_s)
         if not result.passed:
             raise InstallError(result.reason, result.detail)
         self._check(name)
+        return _Entry()
 
-        self._enter(name, State.ACTIVATING)
+    def _activate(self, name: str, job: _Job) -> _Entry:
+        """ACTIVATING: the host serves the staged release; it becomes active and the old active previous."""
+        staged = job.staged
+        assert staged is not None
         try:
-            self._core.activate(staged.model_config(name, self._factory[name].threads))
+            self._host.activate(staged.model_config(name, self._factory[name].threads))
         except runtime.RuntimeLayerError as exc:
             raise InstallError("activation_failed", str(exc)) from exc
-        slots = self._slots[name]
-        self._enter(name, State.PROBATION, slots=ModelSlots(active=staged, previous=slots.active))
-        self._probation(name)
+        return _Entry(slots=ModelSlots(active=staged, previous=self._slots[name].active))
 
-    def _probation(self, name: str) -> None:
-        """Watch the served release from zero until it is healthy for N inferences or T seconds; then commit."""
+    def _probation(self, name: str, _job: _Job) -> _Entry:
+        """PROBATION: watch the served release from zero until it is healthy for N inferences or T seconds."""
         active = self._slots[name].active
         assert active is not None and active.card is not None
         try:
@@ -534,10 +375,9 @@ class Installer:
         except (OSError, ValueError):
             card = {}
         limits = ProbationLimits.for_release(card, self._config)
-        served = self._core.models[name]
         started = time.monotonic()  # not the device clock: setting it back must not stretch or cut probation
         while True:
-            totals = served.telemetry.totals()
+            totals = self._host.totals(name)
             verdict = limits.judge(totals, time.monotonic() - started)
             if verdict.done:
                 break
@@ -549,8 +389,7 @@ class Installer:
         seconds = round(time.monotonic() - started, 3)
         outcome = self._outcome("install_committed", rec.target, rec.seq, inferences=totals.count,
                                 errors=totals.errors, seconds=seconds)  # fmt: skip
-        self._enter(name, State.COMMITTED, outcome=outcome)
-        self._store.collect_garbage(name, self._slots[name])
+        return _Entry(outcome=outcome)
 
     def _check(self, name: str) -> None:
         with self._wake:
@@ -568,7 +407,7 @@ class Installer:
 
     def _stopped(self, name: str) -> None:
         rec = self._records[name]
-        if rec.state not in _AT_REST:
+        if rec.state not in AT_REST:
             self._save(name, replace(rec, clean_stop=True))
 
     # -- failure and revert -------------------------------------------------------------------------------------
@@ -576,14 +415,14 @@ class Installer:
     def _fail(self, name: str, reason: str, detail: str) -> None:
         """Revert an install that failed in its current state, then serve whatever is active now."""
         self._revert(name, reason, detail, revert_active=self._records[name].state is State.PROBATION)
-        served = self._core.models.get(name)
+        serving = self._host.serving(name)
         active = self._slots[name].active
         wanted = active.model_config(name, None) if active else self._factory[name]
-        if served is None or (served.config.path, served.config.release) != (wanted.path, wanted.release):
-            self._serve_active(name, self._core.activate)
+        if serving is None or (serving.path, serving.release) != (wanted.path, wanted.release):
+            self._serve_active(name, self._host.activate)
 
     def _revert(self, name: str, reason: str, detail: str, *, revert_active: bool) -> None:
-        self._enter(name, State.REVERTING, reason=reason, detail=detail, revert_active=revert_active)
+        self._enter(name, Event.FAIL, reason=reason, detail=detail, revert_active=revert_active)
         self._finish_revert(name)
 
     def _finish_revert(self, name: str) -> None:
@@ -602,20 +441,20 @@ class Installer:
             failed, kind, extra = rec.release, "install_failed", {}
             slots = replace(slots, staged=None)
         outcome = {"outcome": kind, "release": failed, "seq": rec.seq, "reason": rec.reason, "detail": rec.detail,
-                   "ts": self._core.clock(), "reported": False, **extra}  # fmt: skip
-        self._enter(name, State.IDLE, slots=slots, reason=rec.reason, detail=rec.detail, outcome=outcome)
+                   "ts": self._host.clock(), "reported": False, **extra}  # fmt: skip
+        self._enter(name, Event.DONE, slots=slots, reason=rec.reason, detail=rec.detail, outcome=outcome)
         self._store.collect_garbage(name, slots)
 
     def _outcome(self, kind: str, entry: DesiredModel, seq: int, **extra: Any) -> dict[str, Any]:
         return {"outcome": kind, "release": release_name(entry), "seq": seq, "reason": "", "detail": "",
-                "ts": self._core.clock(), "reported": False, **extra}  # fmt: skip
+                "ts": self._host.clock(), "reported": False, **extra}  # fmt: skip
 
     def _report(self, name: str) -> None:
         """Event the record's outcome, then mark it reported: a crash in between reports it again at the next start."""
         rec = self._records[name]
         assert rec.outcome is not None
         fields = {k: v for k, v in rec.outcome.items() if k not in ("outcome", "ts", "reported")}
-        self._core.emit(rec.outcome["outcome"], model=name, **fields)
+        self._host.emit(rec.outcome["outcome"], model=name, **fields)
         self._save(name, replace(rec, outcome={**rec.outcome, "reported": True}))
 
     # -- persistence --------------------------------------------------------------------------------------------
@@ -623,7 +462,7 @@ class Installer:
     def _enter(
         self,
         name: str,
-        state: State,
+        happened: Event,
         *,
         slots: ModelSlots | None = None,
         reason: str = "",
@@ -631,22 +470,22 @@ class Installer:
         revert_active: bool | None = None,
         outcome: Mapping[str, Any] | None = None,
     ) -> None:
-        """Take one transition of :data:`TRANSITIONS`: persist it (with any slot change, atomically), then event it."""
+        """Take the table's move for ``happened``: persist the new state (with any slot change, atomically), then
+        event it."""
         rec = self._records[name]
-        if state not in TRANSITIONS[rec.state]:
-            raise InstallError("internal_error", f"{rec.state.value} -> {state.value} is not a transition")
+        state = next_state(rec.state, happened)
         detail = detail[:_DETAIL_CHARS]
         rec = replace(
             rec,
             state=state,
             reason=reason,
             detail=detail,
-            restarts=0 if state in _AT_REST else rec.restarts,
+            restarts=0 if state in AT_REST else rec.restarts,
             revert_active=rec.revert_active if revert_active is None else revert_active,
             outcome=outcome or rec.outcome,
         )
         self._save(name, rec, slots)
-        self._core.emit("install_state", model=name, state=state.value, release=rec.release, seq=rec.seq,
+        self._host.emit("install_state", model=name, state=state.value, release=rec.release, seq=rec.seq,
                         reason=reason, **({"detail": detail} if detail else {}))  # fmt: skip
         if outcome is not None:
             self._report(name)
@@ -657,26 +496,9 @@ class Installer:
         slots = slots or self._slots[name]
         self._store.save(name, slots, rec.to_dict())
         self._records[name], self._slots[name] = rec, slots
-        factory = self._factory_records[name]
-        status = {
-            "slots": {
-                "active": (slots.active or factory).summary(),
-                "previous": (slots.previous or factory).summary() if slots.active else None,
-                "staged": slots.staged.summary() if slots.staged else None,
-            },
-            "install": {
-                "state": rec.state.value,
-                "release": rec.release,
-                "seq": rec.seq,
-                "reason": rec.reason,
-                "detail": rec.detail,
-                "restarts": rec.restarts,
-                "last_outcome": dict(rec.outcome) if rec.outcome else None,
-            },
-        }
         with self._status_lock:
-            self._status[name] = status
-        self._core.reactor.call_soon_threadsafe(self._core.write_status)
+            self._status[name] = install_status(rec, slots, self._factory_records[name])
+        self._host.status_changed()
 
     def _fault_point(self, state: State) -> None:
         if self._kill_at == state.value:

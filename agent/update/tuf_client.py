@@ -46,6 +46,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import __version__
 from agent.canonical import strict_json
+from agent.errors import EdgefleetError
 from agent.files import fsync_path
 from agent.logs import event
 from agent.targets import SUFFIX_BY_RUNTIME, parse_target_path
@@ -58,13 +59,8 @@ _USER_AGENT = f"edgefleet-agent/{__version__}"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class TrustError(Exception):
+class TrustError(EdgefleetError):
     """A release this device must not install. ``reason`` is short and stable (a counter key); ``detail`` explains."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class DownloadDeadlineError(DownloadError):

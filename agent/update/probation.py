@@ -1,0 +1,76 @@
+"""Probation: what a new release must show in service before the device commits it. Pure: counts in, verdict out.
+
+The installer serves the release and polls its counters (:meth:`agent.update.host.InstallHost.totals`, since the
+release was activated); :meth:`ProbationLimits.judge` decides. The limits come from the release's signed card where it
+has a ``probation`` section, else from the device's ``[update]`` defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import UpdateConfig
+from agent.histograms import latency_quantile_ms
+from agent.telemetry import Totals
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``done`` False: keep watching. Done with a ``reason``: roll back for it. Done without one: commit."""
+
+    done: bool
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProbationLimits:
+    """What a new release must show in service before it is committed."""
+
+    inferences: int
+    seconds: float
+    max_error_rate: float
+    latency_p95_ms: float | None
+
+    @classmethod
+    def for_release(cls, card: Mapping[str, Any], config: UpdateConfig) -> ProbationLimits:
+        """The card's signed ``probation`` section where it has one, else the device's defaults.
+
+        ``{"inferences", "seconds", "max_error_rate", "latency_p95_ms"}``; the latency budget defaults to the smoke
+        test's (a per-row budget: releases whose callers batch should sign ``latency_p95_ms``).
+        """
+        signed = card.get("probation")
+        signed = signed if isinstance(signed, Mapping) else {}
+        smoke = card.get("smoke_test")
+        smoke = smoke if isinstance(smoke, Mapping) else {}
+
+        def pick(value: Any, default: Any, low: float = 0.0) -> Any:
+            fine = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            return value if fine and value >= low else default
+
+        return cls(
+            inferences=int(pick(signed.get("inferences"), config.probation_inferences, 1)),
+            seconds=float(pick(signed.get("seconds"), config.probation_s)),
+            max_error_rate=min(1.0, float(pick(signed.get("max_error_rate"), config.max_error_rate))),
+            latency_p95_ms=pick(signed.get("latency_p95_ms"), pick(smoke.get("latency_budget_ms"), None)),
+        )
+
+    def judge(self, totals: Totals, elapsed_s: float) -> Verdict:
+        """Fail as soon as the errors exceed what N inferences allow; else pass at N inferences or T seconds.
+
+        A release that served nothing in T seconds passes: with no rows there is no latency to hold against it.
+        """
+        n, errors = totals.count, totals.errors
+        if errors > self.max_error_rate * max(n, self.inferences):
+            limit = f"at most {self.max_error_rate:.0%} of {max(n, self.inferences)}"
+            return Verdict(True, "probation_errors", f"{errors} of {n} inferences failed ({limit} allowed)")
+        if n < self.inferences and elapsed_s < self.seconds:
+            return Verdict(False)
+        p95 = latency_quantile_ms(totals.latency, 0.95)
+        if self.latency_p95_ms is not None and p95 is not None and p95 > self.latency_p95_ms:
+            detail = f"p95 latency {p95:.3g} ms > {self.latency_p95_ms:g} ms over {n} inferences"
+            return Verdict(True, "probation_latency", detail)
+        return Verdict(True)
