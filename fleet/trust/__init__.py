@@ -1,0 +1,1 @@
+"""What makes a release trustworthy: signing keys, the TUF repository, the director, the repository server, renewal."""
