@@ -13,17 +13,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fleet_fixtures import device_view
 
 from agent.broker_address import TlsFiles
 from firmware_sim.simulator import SimSettings, Simulation
 from fleet.broker import MosquittoBroker, free_port
 from fleet.ingest.mqtt import Ingest
-from fleet.store.sqlite import Store
+from fleet.store import Store, open_store
 
 
 @pytest.fixture
 def fleet_store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "fleet.db")
+    store = open_store(tmp_path / "fleet.db")
     yield store
     store.close()
 
@@ -82,7 +83,7 @@ def test_no_window_is_lost_or_duplicated_when_the_broker_is_down_for_ten_seconds
     assert all(d["windows_acked"] == d["windows_produced"] for d in report["devices"])
     assert all(d["windows_dropped"] == 0 for d in report["devices"])
     assert all(d["connects"] >= 2 for d in report["devices"]), "every device reconnected after the outage"
-    stored_inferences = sum(w["count"] for d in produced for w in fleet_store.telemetry(d)["windows"])
+    stored_inferences = sum(w["count"] for d in produced for w in fleet_store.telemetry(d).windows)
     assert stored_inferences == report["totals"]["inferences"]
 
 
@@ -128,12 +129,12 @@ def test_a_device_killed_without_goodbye_is_marked_offline_by_its_last_will(
     config = agent_config(tmp_path, broker.url, example_model("good"), "will-device")
     agent = subprocess.Popen(edge_agent("run", "--config", str(config)), stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: (fleet_store.device("will-device") or {}).get("online") is True, 20, "the birth")
+        wait_for(lambda: (device_view(fleet_store, "will-device") or {}).get("online") is True, 20, "the birth")
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait(5)
         # The broker notices after 1.5 keepalives (5 s) and publishes the will.
-        wait_for(lambda: fleet_store.device("will-device")["online"] is False, 20, "the last will")
-        assert fleet_store.device("will-device")["offline_reason"] == "connection_lost"
+        wait_for(lambda: device_view(fleet_store, "will-device")["online"] is False, 20, "the last will")
+        assert device_view(fleet_store, "will-device")["offline_reason"] == "connection_lost"
     finally:
         agent.kill()
         ingest.stop()
@@ -157,8 +158,8 @@ def test_the_agent_stops_cleanly_on_sigterm_and_says_goodbye(
         assert agent.returncode == 0
         lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
         assert any(line["event"] == "agent_exit" for line in lines), "one JSON event per line, ending in agent_exit"
-        wait_for(lambda: fleet_store.device("polite-device")["online"] is False, 10, "the goodbye status")
-        assert fleet_store.device("polite-device")["offline_reason"] == "shutdown"
+        wait_for(lambda: device_view(fleet_store, "polite-device")["online"] is False, 10, "the goodbye status")
+        assert device_view(fleet_store, "polite-device")["offline_reason"] == "shutdown"
         after = json.loads(
             subprocess.run(edge_agent("status", "--config", str(config), "--json"), capture_output=True).stdout
         )
@@ -179,7 +180,7 @@ def test_the_agent_reports_over_mqtts_with_its_client_certificate(
     agent = subprocess.Popen(edge_agent("run", "--config", str(config)), stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: fleet_store.window_counts().get("tls-device", 0) >= 2, 20, "windows over TLS")
-        assert fleet_store.device("tls-device")["online"] is True
+        assert device_view(fleet_store, "tls-device")["online"] is True
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
