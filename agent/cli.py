@@ -25,6 +25,7 @@ from agent import __version__, runtime
 from agent import logs as agent_logs
 from agent.config import AgentConfig, ConfigError, load
 from agent.errors import EdgefleetError
+from agent.pids import pid_alive
 
 if TYPE_CHECKING:
     from http.client import HTTPConnection
@@ -126,16 +127,6 @@ def _unbindable(listen: str, exc: OSError, path: Path) -> CommandError:
     return CommandError("api_unavailable", detail, fix, EXIT_FAILURE)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _status(args: argparse.Namespace) -> int:
     config = load(args.config)
     path = config.state_dir / "status.json"
@@ -149,7 +140,7 @@ def _status(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # a running agent replaces it whole, so a bad one was left by something else
         fix = "remove it; the agent writes it again when it runs"
         raise CommandError("status_unreadable", f"cannot read {path} ({exc})", fix, EXIT_FAILURE) from None
-    status["running"] = bool(status.get("running")) and _pid_alive(int(status.get("pid", 0)))
+    status["running"] = bool(status.get("running")) and pid_alive(int(status.get("pid", 0)))
     if status.get("updated_at"):
         status["age_s"] = round(time.time() - float(status["updated_at"]), 1)
     if args.json:

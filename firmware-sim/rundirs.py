@@ -16,19 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from agent.pids import pid_alive
+
 
 def runs_parent() -> Path:
     return Path(tempfile.gettempdir()) / f"firmware-sim-{os.getuid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def remove_dead_runs(parent: Path) -> list[Path]:
@@ -36,7 +28,7 @@ def remove_dead_runs(parent: Path) -> list[Path]:
     removed = []
     for folder in parent.iterdir():
         pid = folder.name.partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.files import write_atomic
+from agent.pids import pid_alive
 from fleet.errors import FleetError
 from fleet.store import open_store
 
@@ -88,16 +89,6 @@ def serve_file(home: Path) -> Path:
     return home / "serve.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, as another user's process
-    return True
-
-
 def running_serve(home: Path | None) -> dict[str, Any] | None:
     """What the `fleet serve` running on this home recorded (broker, repo, prefix, pid), or None if none runs."""
     path = serve_file(resolve_home(home))
@@ -105,7 +96,7 @@ def running_serve(home: Path | None) -> dict[str, Any] | None:
         info: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return info if isinstance(info.get("pid"), int) and _alive(info["pid"]) else None
+    return info if isinstance(info.get("pid"), int) and pid_alive(info["pid"]) else None
 
 
 @contextlib.contextmanager
