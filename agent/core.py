@@ -189,7 +189,7 @@ class AgentCore:
 
     @property
     def drained(self) -> bool:
-        """True when the broker has every stored message, or when it cannot be reached right now."""
+        """True when the fleet confirmed every stored message, or when the broker cannot be reached right now."""
         return not self.link.connected or self.outbox.stats()["rows"] == 0
 
     def close(self, timeout: float = 5.0) -> None:

@@ -1,9 +1,15 @@
 """The device's MQTT link: birth and last will, persistent session, outbox draining, reconnect with backoff.
 
 paho-mqtt is driven from a :class:`~agent.reactor.Reactor` (its external-loop API) instead of its own thread, so
-one thread can carry many links. A message leaves the outbox only when the broker acknowledged it (QoS 1 PUBACK);
-until then it stays stored, and after a restart it is sent again with the same sequence number, which the fleet
-deduplicates. MQTT 3.1.1 only: it is what every broker speaks.
+one thread can carry many links. MQTT 3.1.1 only: it is what every broker speaks.
+
+Delivery: a message leaves the outbox only when the FLEET says it stored it (an acknowledgement on the device's own
+``ack`` topic, :class:`agent.protocol.Ack`), never on the broker's PUBACK: a broker that restarts without its state,
+or that holds no subscription for the fleet at that moment, PUBACKs a message and then discards it. A PUBACK only
+moves a message from "in flight" to "unconfirmed" (in memory). Unconfirmed messages are sent again, with the same
+seq, at once after every reconnect and on a timer (:class:`Resend`: 10 s, doubling to 5 min while no
+acknowledgement arrives); the fleet's dedupe key absorbs the copies. In flight plus unconfirmed is bounded
+(``max_unconfirmed``), so a fleet that never answers costs a bounded number of messages per resend round.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class PendingStore(Protocol):
 
     def pending(self, limit: int, exclude: Any = ()) -> list[Any]: ...
 
-    def ack(self, seq: int) -> None: ...
+    def acknowledge(self, boot_id: str, ranges: Any) -> Counter[Kind]: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,16 @@ class Backoff:
     def delay(self, attempt: int, rng: random.Random) -> float:
         ceiling = min(self.maximum, self.initial * 2 ** min(attempt, 30))
         return rng.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class Resend:
+    """How long a message the broker took waits for the fleet's acknowledgement before it is sent again: ``initial``
+    seconds, doubled after each resend round that no acknowledgement followed, up to ``maximum``; an acknowledgement
+    resets it."""
+
+    initial: float = 10.0
+    maximum: float = 300.0
 
 
 class MqttLink:
@@ -64,7 +80,9 @@ class MqttLink:
         tls: TlsFiles | None = None,
         on_command: Callable[[Kind, bytes], None] | None = None,
         max_inflight: int = 20,
+        max_unconfirmed: int = 200,
         backoff: Backoff = Backoff(),
+        resend: Resend = Resend(),
         rng: random.Random | None = None,
     ) -> None:
         self.reactor = reactor
@@ -76,9 +94,14 @@ class MqttLink:
         self._boot_id = boot_id
         self._on_command = on_command
         self._max_inflight = max_inflight
+        self._max_unconfirmed = max(max_unconfirmed, max_inflight)
         self._backoff = backoff
+        self._resend = resend
+        self._resend_after = resend.initial
         self._rng = rng or random.Random()
-        self._inflight: dict[int, tuple[int, Kind]] = {}  # paho mid -> (outbox seq, kind)
+        self._inflight: dict[int, tuple[int, Kind]] = {}  # paho mid -> (outbox seq, kind): no PUBACK yet
+        # outbox seq -> when the broker PUBACKed it (monotonic): waiting for the fleet; oldest first (insertion order)
+        self._unconfirmed: dict[int, float] = {}
         self._attempt = 0
         self._closing = False
         self._misc_timer: Timer | None = None
@@ -86,7 +109,12 @@ class MqttLink:
         self.connected = False
         self.connects = 0
         self.disconnects = 0
+        #: Messages the fleet confirmed it stored (each counted once), by kind.
         self.acked: Counter[Kind] = Counter()
+        #: Messages sent again because no acknowledgement came in time (reconnects not counted).
+        self.resent = 0
+        #: Acknowledgements refused (malformed, another device's), by reason; they change nothing.
+        self.ack_rejects: Counter[str] = Counter()
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -113,6 +141,11 @@ class MqttLink:
 
     def topic(self, kind: Kind) -> str:
         return protocol.topic(self.prefix, self.device_id, kind)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages the broker took that the fleet has not acknowledged yet (this connection's)."""
+        return len(self._unconfirmed)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -167,10 +200,13 @@ class MqttLink:
         """Send stored messages while the in-flight window has room."""
         if not self.connected:
             return
-        room = self._max_inflight - len(self._inflight)
+        busy = len(self._inflight)
+        room = min(self._max_inflight - busy, self._max_unconfirmed - busy - len(self._unconfirmed))
         if room <= 0:
             return
-        for entry in self.outbox.pending(room, exclude={seq for seq, _ in self._inflight.values()}):
+        exclude = {seq for seq, _ in self._inflight.values()}
+        exclude.update(self._unconfirmed)
+        for entry in self.outbox.pending(room, exclude=exclude):
             info = self.client.publish(entry.topic, entry.payload, qos=entry.qos)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break  # connection went away mid-pump; the entry stays stored and is sent after reconnect
@@ -188,7 +224,10 @@ class MqttLink:
         event(log, "mqtt_connected", device_id=self.device_id, broker=self.broker.url,
               session_present=bool(flags.session_present))  # fmt: skip
         self.publish_birth()
-        client.subscribe([(self.topic(Kind.DESIRED), 1), (self.topic(Kind.CMD), 1)])
+        client.subscribe([(self.topic(Kind.DESIRED), 1), (self.topic(Kind.CMD), 1), (self.topic(Kind.ACK), 1)])
+        # What the broker took before may be gone (a restart without its state, no subscriber for the fleet then):
+        # send it all again now. paho itself resends what was still waiting for its PUBACK.
+        self._unconfirmed.clear()
         self.pump()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -200,12 +239,47 @@ class MqttLink:
             self._schedule_reconnect(f"disconnected: {reason}")
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        """The broker took a message: it now waits for the fleet's acknowledgement, not in paho's window."""
         sent = self._inflight.pop(mid, None)
         if sent is not None:
-            seq, kind = sent
-            self.outbox.ack(seq)
-            self.acked[Kind(kind)] += 1
+            self._unconfirmed[sent[0]] = self.reactor.clock()
             self.pump()
+
+    def _on_ack(self, payload: bytes) -> None:
+        """The fleet stored these seqs: forget them. A malformed acknowledgement is counted and changes nothing."""
+        try:
+            ack = protocol.decode(Kind.ACK, payload)
+            if ack["device_id"] != self.device_id:
+                raise protocol.ProtocolError("device_mismatch", ack["device_id"])
+        except protocol.ProtocolError as exc:
+            self.ack_rejects[exc.reason] += 1
+            event(log, "mqtt_ack_rejected", logging.WARNING, device_id=self.device_id, reason=exc.reason,
+                  detail=exc.detail, size=len(payload))  # fmt: skip
+            return
+        ranges = ack["seqs"]
+        self.acked.update(self.outbox.acknowledge(ack["boot_id"], ranges))
+        if self._unconfirmed:
+            confirmed = [seq for seq in self._unconfirmed if any(first <= seq <= last for first, last in ranges)]
+            for seq in confirmed:
+                del self._unconfirmed[seq]
+        self._resend_after = self._resend.initial  # the fleet is there: wait the short time again
+        self.pump()
+
+    def _resend_overdue(self) -> None:
+        """Send again what the broker took but the fleet has not confirmed within the resend time."""
+        if not self._unconfirmed or not self.connected:
+            return
+        now = self.reactor.clock()
+        if now - next(iter(self._unconfirmed.values())) < self._resend_after:
+            return
+        overdue = [seq for seq, at in self._unconfirmed.items() if now - at >= self._resend_after]
+        for seq in overdue:
+            del self._unconfirmed[seq]
+        self.resent += len(overdue)
+        event(log, "mqtt_resend", logging.WARNING, device_id=self.device_id, messages=len(overdue),
+              waited_s=round(self._resend_after, 1))  # fmt: skip
+        self._resend_after = min(self._resend_after * 2, self._resend.maximum)
+        self.pump()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -213,8 +287,11 @@ class MqttLink:
         except protocol.ProtocolError as exc:
             event(log, "mqtt_message_rejected", logging.WARNING, device_id=self.device_id, reason=exc.reason)
             return
-        if device_id != self.device_id or kind not in (Kind.DESIRED, Kind.CMD):
+        if device_id != self.device_id or kind not in protocol.FLEET_PUBLISHED:
             event(log, "mqtt_message_rejected", logging.WARNING, device_id=self.device_id, reason="foreign_topic")
+            return
+        if kind is Kind.ACK:
+            self._on_ack(message.payload)
             return
         if self._on_command:
             self._on_command(kind, message.payload)
@@ -222,6 +299,7 @@ class MqttLink:
     def _misc(self) -> None:
         if self.client.socket() is not None:
             self.client.loop_misc()
+        self._resend_overdue()
 
     def _on_socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
         self.reactor.add_socket(sock, self._read, self._write)

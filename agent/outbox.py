@@ -1,6 +1,7 @@
 """Bounded, durable store-and-forward for what the device publishes with QoS 1 (telemetry and events).
 
-Messages wait here, in SQLite, until the broker acknowledges them, so they survive broker outages and reboots.
+Messages wait here, in SQLite, until the fleet says it stored them (its acknowledgement on the device's ``ack``
+topic, see :mod:`agent.link`), so they survive broker outages, brokers that restart without their state, and reboots.
 Each message gets a ``seq`` that never repeats for this outbox (the fleet drops duplicates by it). The outbox is
 bounded in rows and payload bytes: past a bound the OLDEST telemetry windows are dropped, and the number dropped is
 reported, exactly once, in the ``dropped`` field of the next telemetry message. Events (installs, rollbacks, ...)
@@ -25,7 +26,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from agent.protocol import Kind, encode
 log = logging.getLogger(__name__)
 
 #: PRAGMA user_version of the schema below; bump it with a migration when the schema changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How long a statement waits for another connection's lock (a status command reading stats) before failing.
 _BUSY_TIMEOUT_S = 5.0
 _QOS = 1
@@ -54,7 +56,8 @@ CREATE TABLE outbox (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     created REAL NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0  -- drops this telemetry message reports; owed again if it is dropped
+    dropped INTEGER NOT NULL DEFAULT 0,  -- drops this telemetry message reports; owed again if it is dropped
+    boot_id TEXT NOT NULL DEFAULT ''  -- the boot that made it: an acknowledgement names it ('' from schema 1: any)
 );
 CREATE INDEX outbox_kind ON outbox (kind, seq);
 CREATE TABLE state (
@@ -76,6 +79,14 @@ CREATE TRIGGER outbox_deleted AFTER DELETE ON outbox BEGIN
         telemetry_rows = telemetry_rows - (OLD.kind = 'telemetry');
 END;
 PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+#: Schema 1 -> 2: the boot id of each message, so that an acknowledgement meant for another outbox (a device whose
+#: state folder was replaced, whose seqs therefore start again) deletes nothing.
+_MIGRATE_1_2 = """
+BEGIN;
+ALTER TABLE outbox ADD COLUMN boot_id TEXT NOT NULL DEFAULT '';
+PRAGMA user_version = 2;
 COMMIT;
 """
 
@@ -131,6 +142,8 @@ class Outbox:
                 )
             if version == 0:
                 db.executescript(_SCHEMA)
+            elif version == 1:
+                db.executescript(_MIGRATE_1_2)
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
@@ -193,8 +206,9 @@ class Outbox:
                 message["dropped"], owed = owed, 0
             payload = encode(kind, message)
             db.execute(
-                "INSERT INTO outbox (seq, kind, topic, payload, qos, created, dropped) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seq, kind.value, topic, payload, _QOS, time.time(), message.get("dropped", 0)),
+                "INSERT INTO outbox (seq, kind, topic, payload, qos, created, dropped, boot_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, kind.value, topic, payload, _QOS, time.time(), message.get("dropped", 0), message["boot_id"]),
             )
             db.execute(
                 "UPDATE state SET next_seq = ?, dropped_total = ?, dropped_unreported = ?", (seq + 1, total, owed)
@@ -248,18 +262,34 @@ class Outbox:
         entries = [Entry(seq, Kind(kind), topic, bytes(payload), qos) for seq, kind, topic, payload, qos in rows]
         return [e for e in entries if e.seq not in skip][:limit]
 
-    def ack(self, seq: int) -> None:
-        """Forget a message the broker acknowledged. Unknown seqs are ignored (a duplicate PUBACK).
+    def ack(self, seq: int, boot_id: str) -> None:
+        """Forget one message the fleet stored; see :meth:`acknowledge`."""
+        self.acknowledge(boot_id, [(seq, seq)])
 
-        If the disk is too full even to delete, the message stays and is sent again; the fleet drops the duplicate.
+    def acknowledge(self, boot_id: str, ranges: Iterable[tuple[int, int]]) -> Counter[Kind]:
+        """Forget the messages of boot ``boot_id`` the fleet says it stored: inclusive (first, last) seq ranges.
+        Returns how many of each kind left the outbox; seqs it no longer holds (a duplicate acknowledgement, a dropped
+        window) or that another boot made (an acknowledgement meant for an outbox this one replaced) count nothing,
+        so each message is counted once.
+
+        If the disk is too full even to delete, the messages stay and are sent again; the fleet drops the duplicates.
         """
+        removed: Counter[Kind] = Counter()
         with self._lock:
             try:
-                self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                with self._transaction() as db:
+                    for first, last in ranges:
+                        for (kind,) in db.execute(
+                            "DELETE FROM outbox WHERE seq BETWEEN ? AND ? AND boot_id IN (?, '') RETURNING kind",
+                            (first, last, boot_id),
+                        ).fetchall():
+                            removed[Kind(kind)] += 1
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
                     raise
-                event(log, "outbox_ack_failed", logging.WARNING, seq=seq, reason="disk_full", path=str(self.path))
+                event(log, "outbox_ack_failed", logging.WARNING, reason="disk_full", path=str(self.path))
+                return Counter()
+        return removed
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -51,10 +51,15 @@ class Kind(enum.StrEnum):
     EVENTS = "events"
     DESIRED = "desired"
     CMD = "cmd"
+    ACK = "ack"
 
 
 #: Topics a device publishes on; the fleet subscribes to these.
 DEVICE_PUBLISHED = (Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS)
+#: Topics the fleet publishes on; a device subscribes to its own.
+FLEET_PUBLISHED = (Kind.DESIRED, Kind.CMD, Kind.ACK)
+#: Most seq ranges one acknowledgement carries (an ingest batch holds at most a few hundred messages).
+MAX_ACK_RANGES = 4096
 
 
 class ProtocolError(EdgefleetError, ValueError):
@@ -192,13 +197,68 @@ class Status(_Schema, kw_only=True):
     models: dict[str, Any] | UnsetType = UNSET
 
 
+class Ack(_Schema, kw_only=True):
+    """The fleet's word that it stored these messages of one boot of the device (windows and events; a duplicate is
+    stored too). ``seqs`` are inclusive ``[first, last]`` ranges of outbox seqs.
+
+    A seq never repeats within one outbox, across boots too; ``boot_id`` is there for a device whose outbox was
+    replaced (a wiped state folder, a re-flashed card): its seqs start again, and an acknowledgement still queued for
+    it in the broker names a boot that none of its messages carry, so it deletes nothing.
+    """
+
+    v: SchemaVersion
+    device_id: DeviceId
+    boot_id: BootId
+    seqs: Annotated[list[tuple[Count, Count]], Meta(min_length=1, max_length=MAX_ACK_RANGES)]
+
+    def __post_init__(self) -> None:
+        if any(first > last for first, last in self.seqs):
+            raise ValueError("seqs: a range whose first seq is above its last")
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Seqs as sorted, merged, inclusive (first, last) ranges: [3, 1, 2, 7] -> [(1, 3), (7, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
+_ACK_ENCODER = msgspec.json.Encoder()
+
+
+def encode_ack(device_id: str, boot_id: str, seqs: Iterable[int]) -> list[bytes]:
+    """The acknowledgement payloads for some seqs of one boot of a device: one, more only past ``MAX_ACK_RANGES``.
+
+    Built from trusted values on the fleet's hot path, so it skips :func:`validate` (a test checks the result
+    decodes); the device id is checked, as it names the topic too.
+    """
+    if not valid_device_id(device_id):
+        raise ProtocolError("bad_device_id", repr(device_id))
+    ranges = seq_ranges(seqs)
+    return [
+        _ACK_ENCODER.encode(
+            {"v": SCHEMA_VERSION, "device_id": device_id, "boot_id": boot_id, "seqs": ranges[i : i + MAX_ACK_RANGES]}
+        )
+        for i in range(0, len(ranges), MAX_ACK_RANGES)
+    ]
+
+
 def _check_rows(name: str, rows: list[list[int]]) -> None:
     """Rows of one width: a type cannot relate its elements to each other."""
     if len(set(map(len, rows))) > 1:
         raise ValueError(f"{name}: rows of unequal width")
 
 
-SCHEMAS: Mapping[Kind, type[_Schema]] = {Kind.STATUS: Status, Kind.TELEMETRY: Window, Kind.EVENTS: Event}
+SCHEMAS: Mapping[Kind, type[_Schema]] = {
+    Kind.STATUS: Status,
+    Kind.TELEMETRY: Window,
+    Kind.EVENTS: Event,
+    Kind.ACK: Ack,
+}
 _DECODERS = {kind: msgspec.json.Decoder(schema) for kind, schema in SCHEMAS.items()}
 
 

@@ -76,7 +76,7 @@ def test_seq_and_pending_messages_survive_close_and_reopen(tmp_path: Path) -> No
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:
         seqs = [append_telemetry(box), append_event(box), append_telemetry(box)]
-        box.ack(seqs[0])
+        box.ack(seqs[0], BOOT_ID)
     assert seqs == [1, 2, 3]
 
     with Outbox(path) as box:
@@ -93,9 +93,9 @@ def test_seq_and_pending_messages_survive_close_and_reopen(tmp_path: Path) -> No
 def test_ack_removes_only_that_message_and_ignores_unknown_seqs(tmp_path: Path) -> None:
     with Outbox(tmp_path / "outbox.db") as box:
         first, second = append_telemetry(box), append_event(box)
-        box.ack(first)
-        box.ack(first)
-        box.ack(999)
+        box.ack(first, BOOT_ID)
+        box.ack(first, BOOT_ID)
+        box.ack(999, BOOT_ID)
         assert [e.seq for e in box.pending(10)] == [second]
         stats = box.stats()
         assert (stats["rows"], stats["telemetry_rows"], stats["event_rows"]) == (1, 0, 1)
@@ -127,7 +127,7 @@ def test_full_by_rows_drops_oldest_telemetry_and_reports_the_count_exactly_once(
         assert box.stats()["dropped_total"] == 4
         assert box.stats()["dropped_unreported"] == 1
 
-        box.ack(t7)
+        box.ack(t7, BOOT_ID)
         t8 = append_telemetry(box)
         assert decoded(box.pending(10)[-1])["dropped"] == 1
         assert box.stats()["dropped_unreported"] == 0
@@ -167,7 +167,7 @@ def test_drops_are_reported_exactly_once_over_a_random_outage(tmp_path: Path) ->
                 if entry.kind is Kind.TELEMETRY:
                     delivered_drops += decoded(entry)["dropped"]
                     delivered += 1
-                box.ack(entry.seq)
+                box.ack(entry.seq, BOOT_ID)
         if step % 97 == 0:
             box.close()
             box = Outbox(path, max_rows=12)
@@ -271,3 +271,30 @@ def test_outbox_written_by_a_newer_agent_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(OutboxError, match="newer"):
         Outbox(path)
+
+
+def test_an_acknowledgement_deletes_ranges_of_its_own_boot_and_counts_each_message_once(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db") as box:
+        seqs = [append_telemetry(box), append_event(box), append_telemetry(box), append_telemetry(box)]
+        other_boot = "f" * 32  # an acknowledgement meant for an outbox this one replaced: seqs started again
+        assert box.acknowledge(other_boot, [(seqs[0], seqs[-1])]) == {}
+        assert box.stats()["rows"] == 4
+        assert box.acknowledge(BOOT_ID, [(seqs[0], seqs[1]), (seqs[3], seqs[3])]) == {Kind.TELEMETRY: 2, Kind.EVENTS: 1}
+        assert box.acknowledge(BOOT_ID, [(seqs[0], seqs[-1])]) == {Kind.TELEMETRY: 1}, "the rest, each once"
+        assert box.stats()["rows"] == 0 and box.stats()["bytes"] == 0
+
+
+def test_an_outbox_of_schema_1_is_migrated_and_its_rows_take_any_boots_acknowledgement(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        seq = append_telemetry(box)
+    db = sqlite3.connect(path)  # as schema 1 left it: no boot_id column
+    db.executescript("ALTER TABLE outbox DROP COLUMN boot_id; PRAGMA user_version = 1;")
+    db.close()
+    with Outbox(path) as box:
+        assert [e.seq for e in box.pending(10)] == [seq]
+        assert box.acknowledge("e" * 32, [(seq, seq)]) == {Kind.TELEMETRY: 1}
+        assert append_telemetry(box) == seq + 1
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from firmware_sim import fdlimit
 from firmware_sim.cli import main as firmware_sim
 from firmware_sim.simulator import SimSettings, Simulation
 from fleet.broker import MosquittoBroker
+from fleet.ingest.mqtt import Ingest
+from fleet.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = "from firmware_sim.launcher import main; main()"
@@ -36,6 +39,19 @@ LAUNCH = "from firmware_sim.launcher import main; main()"
 def sim_command(*args: str) -> list[str]:
     """`firmware-sim ARGS` through the console script's entry point."""
     return [sys.executable, "-c", LAUNCH, *args]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fleet(broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
+    """The fleet's ingest on the session's broker: a device forgets a window only once the fleet says it stored it,
+    so a run's windows count as acknowledged, and its outboxes drain, only with a fleet there."""
+    store = open_store(tmp_path_factory.mktemp("fleet") / "fleet.db")
+    ingest = Ingest(store, broker.url, client_id=f"sim-cli-fleet-{uuid.uuid4().hex[:8]}")
+    ingest.start()
+    assert ingest.wait_ready(10)
+    yield ingest
+    ingest.stop()
+    store.close()
 
 
 @pytest.fixture

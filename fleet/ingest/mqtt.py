@@ -2,7 +2,9 @@
 
 Delivery: QoS 1, a persistent session (clean session off, so messages published while the fleet is down wait in the
 broker) and manual acks sent only after the batch holding the message is committed. A crash before the commit means
-the broker redelivers, and the store's (device_id, boot_id, seq) key absorbs the copy.
+the broker redelivers, and the store's (device_id, boot_id, seq) key absorbs the copy. After the commit each device
+gets one acknowledgement of its seqs in the batch (``<prefix>/<device>/ack``), and only then forgets them: what a
+broker loses (a restart without its state, no subscription for the ingest yet) the device sends again.
 
 Bad input never stops the ingest: a message that breaks the wire contract (checked by :mod:`fleet.ingest.decode`, the
 pure half) is counted by reason, logged (topic, reason, size; never the body), recorded, and acked so the broker
@@ -89,6 +91,8 @@ class Ingest:
         self._stored = 0
         self._duplicates = 0
         self._batches = 0
+        self._acks_sent = 0  # acknowledgements published to devices, and their payload bytes
+        self._ack_bytes = 0
         self._rejected: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
 
@@ -99,6 +103,7 @@ class Ingest:
             protocol=mqtt.MQTTv311,
             manual_ack=True,
         )
+        client.max_inflight_messages_set(1000)  # the acknowledgements to devices (one per device and batch)
         if self.address.tls:
             (tls or TlsFiles()).apply(client)
         client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
@@ -148,6 +153,8 @@ class Ingest:
                 "rejected": dict(self._rejected),
                 "queue_depth": len(self._pending),
                 "batches": self._batches,
+                "acks_sent": self._acks_sent,
+                "ack_bytes": self._ack_bytes,
             }
 
     # -- paho callbacks (network thread) ------------------------------------------------------------------------
@@ -308,6 +315,23 @@ class Ingest:
                 return  # nothing acked: the broker keeps the batch for the next session
             delay = min(delay * 2, _RETRY_MAX_S)
 
+    def _confirm(self, *stored: list[dict[str, Any]]) -> tuple[int, int]:
+        """Tell each device which of its windows and events this committed batch holds (a duplicate is stored too,
+        or the device would send it forever): one acknowledgement per device and boot, QoS 1, on the device's
+        ``ack`` topic. Only then does the device delete them from its outbox. Returns (messages, payload bytes)."""
+        seqs: dict[tuple[str, str], list[int]] = {}  # (device, boot) -> seqs; one boot per device, but at a restart
+        for messages in stored:
+            for message in messages:
+                seqs.setdefault((message["device_id"], message["boot_id"]), []).append(message["seq"])
+        sent = size = 0
+        publish, prefix = self._client.publish, self.prefix
+        for (device_id, boot_id), device_seqs in seqs.items():
+            topic = f"{prefix}/{device_id}/{protocol.Kind.ACK.value}"  # the id was checked when the message was decoded
+            for payload in protocol.encode_ack(device_id, boot_id, device_seqs):
+                publish(topic, payload, qos=1)
+                sent, size = sent + 1, size + len(payload)
+        return sent, size
+
     def _store_and_ack(self, batch: list[Item]) -> Exception | None:
         """Write one batch in one transaction and ack its messages; the store's exception if it refused."""
         status, telemetry, events, rejects, payloads = split(batch)
@@ -318,7 +342,10 @@ class Ingest:
             return exc
         for item in batch:
             self._client.ack(item.mid, item.qos)
+        acks, ack_bytes = self._confirm(telemetry, events)
         with self._stats_lock:
+            self._acks_sent += acks
+            self._ack_bytes += ack_bytes
             self._batches += 1
             self._stored += stored
             self._duplicates += len(telemetry) + len(events) - stored
