@@ -19,6 +19,7 @@ from fleet.store.rows import (
     Device,
     DeviceDetail,
     Event,
+    Gap,
     InstallOutcome,
     Summary,
     Telemetry,
@@ -65,11 +66,26 @@ def install_json(outcome: InstallOutcome | None) -> dict[str, Any] | None:
     return None if outcome is None else {**asdict(outcome), "ts": iso(outcome.ts)}
 
 
+def gap_json(gap: Gap) -> dict[str, Any]:
+    """A run of seqs the fleet has not stored: ``first`` to ``last`` (``missing`` of them), between the seqs stored
+    under ``prev_boot_id`` and ``boot_id``."""
+    return {
+        "first": gap.first,
+        "last": gap.last,
+        "missing": gap.missing,
+        "prev_boot_id": gap.prev_boot_id,
+        "boot_id": gap.boot_id,
+    }
+
+
 def device_detail_json(detail: DeviceDetail, desired: DesiredRecord | None) -> dict[str, Any]:
-    """`fleet devices show --json`: the device, its events, last install and the last desired state published."""
+    """`fleet devices show --json`: the device, its events, last install, the last desired state published, and its
+    gaps: ``gaps`` its latest runs of missing seqs, ``missing`` how many seqs all of its gaps span."""
     return {
         **device_json(detail.device),
         "events": detail.events,
+        "gaps": [gap_json(g) for g in detail.gaps],
+        "missing": detail.missing,
         "last_events": [event_json(e) for e in detail.last_events],
         "last_install": install_json(detail.last_install),
         "desired": desired
@@ -118,6 +134,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "windows": summary.windows,
         "events": summary.events,
         "rejects": summary.rejects,
+        "gaps": {"missing": sum(summary.gaps.values()), "devices": summary.gaps},
     }
 
 

@@ -386,6 +386,7 @@ def test_status_counts_devices_windows_events_and_rejects(home: Path) -> None:
         "windows": 3,
         "events": 1,
         "rejects": {"not_json": 2},
+        "gaps": {"missing": 0, "devices": {}},
     }
     human = fleet("status", "--home", str(home)).stdout
     assert "1 online, 1 offline" in human
@@ -421,3 +422,47 @@ def test_the_installed_fleet_command_names_the_extra_it_needs_when_it_is_missing
     assert done.stderr == "fleet needs the fleet extra: pip install 'edgefleet[fleet]'\n"
     installed = subprocess.run([FLEET, "--version"], capture_output=True, text=True, timeout=60)
     assert installed.returncode == 0 and installed.stdout.startswith("fleet, version")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gaps and conflicts in the read commands
+
+
+def test_devices_show_and_status_show_the_seqs_missing_per_device_and_a_resend_clears_them(home: Path) -> None:
+    now = time.time()
+    store = open_store(home / "fleet.db")
+    store.write_batch(windows=[window("pi-1", s, now - 100, 4, [1, 0, 0]) for s in (5, 9)])  # pi-1 had 0-2
+    store.close()
+
+    shown = json.loads(fleet("devices", "show", "pi-1", "--home", str(home), "--json").stdout)
+    assert shown["missing"] == 5
+    assert [(g["first"], g["last"], g["missing"]) for g in shown["gaps"]] == [(3, 4, 2), (6, 8, 3)]
+    assert {(g["prev_boot_id"], g["boot_id"]) for g in shown["gaps"]} == {(BOOT, BOOT)}
+    assert json.loads(fleet("devices", "show", "pi-2", "--home", str(home), "--json").stdout)["gaps"] == []
+    human = fleet("devices", "show", "pi-1", "--home", str(home)).stdout
+    assert "gaps: 5 seqs missing" in human
+    assert "6-8" in human
+
+    status = json.loads(fleet("status", "--home", str(home), "--json").stdout)
+    assert status["gaps"] == {"missing": 5, "devices": {"pi-1": 5}}
+    assert "5 seqs missing on 1 devices (pi-1: 5)" in fleet("status", "--home", str(home)).stdout
+
+    store = open_store(home / "fleet.db")
+    store.write_batch(windows=[window("pi-1", s, now - 100, 4, [1, 0, 0]) for s in (3, 4, 6, 7, 8)])
+    store.close()
+    assert json.loads(fleet("status", "--home", str(home), "--json").stdout)["gaps"] == {"missing": 0, "devices": {}}
+    assert json.loads(fleet("devices", "show", "pi-1", "--home", str(home), "--json").stdout)["gaps"] == []
+    assert ["gaps", "none"] in [line.split() for line in fleet("status", "--home", str(home)).stdout.splitlines()]
+
+
+def test_status_counts_a_conflicting_copy_among_the_rejects(home: Path) -> None:
+    now = time.time()
+    store = open_store(home / "fleet.db")
+    store.write_batch(windows=[window("pi-1", 1, now - 600, 4, [0, 7, 1])])  # differs from the stored seq 1
+    (stored,) = store.db.execute("SELECT payload FROM windows WHERE device_id = 'pi-1' AND seq = 2").fetchone()
+    copy = protocol.decode(Kind.TELEMETRY, stored)
+    store.write_batch(windows=[copy], payloads=[stored])  # an identical copy: a plain duplicate
+    store.close()
+    status = json.loads(fleet("status", "--home", str(home), "--json").stdout)
+    assert status["rejects"] == {"conflict": 1, "not_json": 2}
+    assert "conflict: 1" in fleet("status", "--home", str(home)).stdout

@@ -471,3 +471,48 @@ def test_no_window_is_lost_when_the_ingest_is_killed_mid_stream(
         restarted.send_signal(signal.SIGTERM)
         restarted.wait(30)
         store.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conflicts and gaps through the real ingest.
+
+
+def test_a_forged_window_then_the_real_one_through_the_ingest_the_real_one_is_a_conflict_counted_and_acked(
+    store: Store, broker: MosquittoBroker, prefix: str, publisher: Publisher
+) -> None:
+    client_id = f"ingest-{uuid.uuid4().hex[:10]}"
+    ingest = start_ingest(store, broker, prefix, client_id)
+    try:
+        publisher.send("pi-f", Kind.TELEMETRY, window("pi-f", 5, count=424242))  # forged ahead of the device
+        wait_for(lambda: store.window_counts() == {"pi-f": 1}, "the forged window")
+        publisher.send_many([("pi-f", Kind.TELEMETRY, window("pi-f", 5)), ("pi-f", Kind.TELEMETRY, window("pi-f", 6))])
+        wait_for(lambda: ingest.stats()["received"] == 3 and ingest.stats()["stored"] == 2, "the real windows")
+        wait_for(lambda: store.summary().rejects == {"conflict": 1}, "the conflict counted")
+        publisher.send("pi-f", Kind.TELEMETRY, window("pi-f", 6))  # an identical copy: a plain duplicate
+        wait_for(lambda: ingest.stats()["received"] == 4, "the copy")
+        assert store.summary().rejects == {"conflict": 1}
+        assert store.window_counts() == {"pi-f": 2}
+    finally:
+        ingest.stop()
+    # Acked like any message: the session holds nothing for the next start to receive again.
+    restarted = start_ingest(store, broker, prefix, client_id)
+    try:
+        time.sleep(1.0)
+        assert restarted.stats()["received"] == 0
+    finally:
+        restarted.stop()
+
+
+def test_a_gap_in_a_devices_seqs_shows_until_the_missing_window_arrives(
+    ingest: Ingest, publisher: Publisher, store: Store
+) -> None:
+    publisher.send_many([("pi-g", Kind.TELEMETRY, window("pi-g", seq)) for seq in (1, 2, 5)])
+    publisher.send("pi-g", Kind.EVENTS, event_message("pi-g", 6))
+    wait_for(lambda: ingest.stats()["stored"] == 4, "the first messages")
+    assert [(g.first, g.last) for g in store.gaps("pi-g")] == [(3, 4)]
+    assert store.summary().gaps == {"pi-g": 2}
+
+    publisher.send_many([("pi-g", Kind.EVENTS, event_message("pi-g", 3)), ("pi-g", Kind.TELEMETRY, window("pi-g", 4))])
+    wait_for(lambda: ingest.stats()["stored"] == 6, "the resent ones")
+    assert store.gaps("pi-g") == []
+    assert device_view(store, "pi-g")["gaps"] == []  # type: ignore[index]

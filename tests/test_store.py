@@ -132,3 +132,141 @@ def test_event_details_and_birth_fields_round_trip_through_their_json_columns(st
         birth["models"],
     )
     assert device["last_events"][0]["detail"] == event["detail"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gaps: the seqs of a device that no stored window or event holds.
+
+BOOT_2 = "d" * 32
+
+
+def event(device_id: str, seq: int, boot_id: str = BOOT, **changes: Any) -> dict[str, Any]:
+    """An event as the ingest hands it over: decoded from the wire."""
+    message = {"v": protocol.SCHEMA_VERSION, "device_id": device_id, "boot_id": boot_id, "seq": seq,
+               "ts": 1.7e9 + seq, "type": "install_state", "model": "digits", "detail": {"state": "DOWNLOADING"},
+               **changes}  # fmt: skip
+    message = {k: v for k, v in message.items() if v is not None}  # model=None: an event about no model
+    return protocol.decode(Kind.EVENTS, protocol.encode(Kind.EVENTS, message))
+
+
+def spans(store: Store, device_id: str | None = None) -> list[tuple[str, int, int]]:
+    return [(g.device_id, g.first, g.last) for g in store.gaps(device_id)]
+
+
+def test_gaps_are_the_seqs_missing_between_a_devices_windows_and_events_and_resends_close_them(store: Store) -> None:
+    # Windows and events share one seq sequence: event 3 fills what would otherwise be a gap between windows.
+    store.write_batch(
+        windows=[window("pi-1", s) for s in (5, 6, 8, 12)] + [window("pi-2", s) for s in (1, 2)],
+        events=[event("pi-1", 3), event("pi-1", 7), event("pi-2", 4)],
+    )
+    # Seqs before the first stored (1-2 of pi-1) are not a gap: the fleet cannot tell them from an outbox it never
+    # heard from; nor are seqs after the last (not sent yet, as far as the fleet knows).
+    assert spans(store) == [("pi-1", 4, 4), ("pi-1", 9, 11), ("pi-2", 3, 3)]
+    assert spans(store, "pi-2") == [("pi-2", 3, 3)]
+    assert [g.missing for g in store.gaps("pi-1")] == [1, 3]
+    assert store.summary().gaps == {"pi-1": 4, "pi-2": 1}
+
+    store.write_batch(windows=[window("pi-1", 4), window("pi-1", 10), window("pi-2", 3)])  # resent late
+    assert spans(store) == [("pi-1", 9, 9), ("pi-1", 11, 11)]
+    detail = store.device("pi-1")
+    assert detail is not None
+    assert (detail.missing, [(g.first, g.last) for g in detail.gaps]) == (2, [(9, 9), (11, 11)])
+    store.write_batch(windows=[window("pi-1", 9)], events=[event("pi-1", 11)])
+    assert (store.gaps(), store.summary().gaps) == ([], {})
+    assert store.device("pi-1").missing == 0  # type: ignore[union-attr]
+
+
+def test_seqs_continue_across_boots_so_a_gap_can_straddle_a_reboot_and_names_the_boots_on_either_side(
+    store: Store,
+) -> None:
+    store.write_batch(windows=[window("pi-1", 1), window("pi-1", 2), window("pi-1", 5, boot_id=BOOT_2)])
+    (gap,) = store.gaps("pi-1")
+    assert (gap.first, gap.last, gap.missing, gap.prev_boot_id, gap.boot_id) == (3, 4, 2, BOOT, BOOT_2)
+    shown = device_view(store, "pi-1")
+    assert shown is not None
+    assert shown["gaps"] == [{"first": 3, "last": 4, "missing": 2, "prev_boot_id": BOOT, "boot_id": BOOT_2}]
+    assert shown["missing"] == 2
+
+
+def test_a_device_shows_its_latest_gaps_and_counts_them_all(store: Store) -> None:
+    from fleet.store.sqlite import LAST_GAPS
+
+    store.write_batch(windows=[window("pi-1", s) for s in range(0, 2 * (LAST_GAPS + 5), 2)])  # every odd seq lost
+    detail = store.device("pi-1")
+    assert detail is not None
+    assert len(detail.gaps) == LAST_GAPS
+    assert detail.gaps[-1].first == 2 * (LAST_GAPS + 4) - 1
+    assert detail.missing == LAST_GAPS + 4
+    assert views.summary_json(store.summary())["gaps"] == {"missing": LAST_GAPS + 4, "devices": {"pi-1": LAST_GAPS + 4}}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conflicts: a copy of a stored window or event that differs from it.
+
+
+def rejects(store: Store) -> dict[str, int]:
+    return store.summary().rejects
+
+
+def test_a_forged_window_stored_first_makes_the_real_one_a_counted_conflict_never_a_silent_duplicate(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged, real = window("pi-1", 9, count=424242), window("pi-1", 9)
+    assert store.write_batch(windows=[forged], payloads=[protocol.encode(Kind.TELEMETRY, forged)]) == 1
+    found: list[Any] = []
+    with caplog.at_level("WARNING", logger="fleet.store.sqlite"):
+        stored = store.write_batch(windows=[real], payloads=[protocol.encode(Kind.TELEMETRY, real)], conflicts=found)
+    assert stored == 0
+    assert rejects(store) == {"conflict": 1}
+    assert [(r.reason, r.topic) for r in found] == [("conflict", "pi-1/telemetry")]
+    assert f"seq 9 of pi-1 boot {BOOT}" in found[0].detail
+    (record,) = [r for r in caplog.records if r.getMessage() == "ingest_conflict"]
+    logged = vars(record)
+    assert any(isinstance(v, dict) and v.get("seq") == 9 and v.get("boot_id") == BOOT for v in logged.values())
+    assert [w["count"] for w in store.telemetry("pi-1").windows] == [424242]  # the first stays: nothing overwritten
+
+
+def test_an_identical_copy_of_a_window_or_event_is_a_plain_duplicate(store: Store) -> None:
+    sent = window("pi-1", 1)
+    wire = protocol.encode(Kind.TELEMETRY, sent)
+    assert store.write_batch(windows=[sent], events=[event("pi-1", 2)], payloads=[wire]) == 2
+    assert store.write_batch(windows=[sent, sent], events=[event("pi-1", 2)], payloads=[wire, wire]) == 0
+    assert store.write_batch(windows=[window("pi-1", 1)]) == 0  # encoded by the store: the same bytes
+    assert rejects(store) == {}
+
+
+def test_an_event_that_differs_in_type_time_model_or_detail_is_a_conflict(store: Store) -> None:
+    store.write_batch(events=[event("pi-1", 1), event("pi-1", 2, model=None)])
+    changed = [
+        event("pi-1", 1, type="install_failed"),
+        event("pi-1", 1, ts=1.7e9 + 0.5),
+        event("pi-1", 1, model="other"),
+        event("pi-1", 1, detail={"state": "STAGED"}),
+        event("pi-1", 2),  # model None stored, "digits" now
+    ]
+    found: list[Any] = []
+    assert store.write_batch(events=[*changed, event("pi-1", 1), event("pi-1", 2, model=None)], conflicts=found) == 0
+    assert rejects(store) == {"conflict": 5}
+    assert {r.topic for r in found} == {"pi-1/events"}
+
+
+def test_two_different_windows_for_one_key_in_one_batch_store_the_first_and_count_the_second(store: Store) -> None:
+    first, second = window("pi-1", 3), window("pi-1", 3, count=7)
+    assert store.write_batch(windows=[first, second, window("pi-1", 4)]) == 2
+    assert rejects(store) == {"conflict": 1}
+    assert [w["count"] for w in store.telemetry("pi-1").windows] == [4, 4]
+
+
+def test_conflicts_are_looked_up_in_chunks_for_batches_larger_than_one_query_takes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fleet.store.sqlite as backend
+
+    monkeypatch.setattr(backend, "_CONFLICT_CHUNK", 2)
+    store.write_batch(windows=[window("pi-1", s) for s in range(5)], events=[event("pi-1", s) for s in (10, 11, 12)])
+    again = [window("pi-1", s, count=5 if s in (0, 4) else 4) for s in range(5)]
+    events = [event("pi-1", 10), event("pi-1", 11, type="x"), event("pi-1", 12, type="x")]
+    found: list[Any] = []
+    assert store.write_batch(windows=again, events=events, conflicts=found) == 0
+    assert sorted(r.detail.split(" of ")[0] for r in found) == [
+        "events seq 11", "events seq 12", "telemetry seq 0", "telemetry seq 4"]  # fmt: skip

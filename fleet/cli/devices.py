@@ -38,6 +38,10 @@ def _ms(value: float | None) -> str:
     return f"<= {value:g} ms"
 
 
+#: Devices `fleet status` names beside its gap count (most seqs missing first).
+_GAP_DEVICES_SHOWN = 10
+
+
 def _unknown(device_id: str) -> NotFound:
     return NotFound("unknown_device", f"unknown device {device_id!r}", "see `fleet devices list`")
 
@@ -82,8 +86,10 @@ def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
     """Show one device in detail.
 
     Birth fields (hardware, runtimes, models with the release each runs), window and event counts, the last install
-    outcome the device reported, the last desired state the fleet published for it, and the latest events. Exit code
-    3 if unknown.
+    outcome the device reported, the last desired state the fleet published for it, the latest events, and its gaps:
+    runs of seqs between stored windows and events that the fleet does not hold. A seq the device dropped itself
+    (outbox or disk full) is a gap too, and was counted in a later window's `dropped`; a resend that arrives closes
+    its gap. Exit code 3 if unknown.
     """
     with contextlib.closing(open_store(home)) as store:
         detail = store.device(device_id)
@@ -106,6 +112,7 @@ def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
         "last_seen",
         "windows",
         "events",
+        "missing",
         "hardware",
         "runtimes",
         "models",
@@ -119,6 +126,13 @@ def show_device(device_id: str, home: Path | None, as_json: bool) -> None:
     for e in info["last_events"]:
         events.add_row(e["type"], _text(e["model"]), _text(e["detail"]), e["ts"])
     console.print(events)
+    if info["gaps"]:
+        title = f"gaps: {info['missing']} seqs missing (the latest runs)"
+        gaps = Table("seqs", "missing", "boot before", "boot after", title=title)
+        for g in info["gaps"]:
+            seqs = str(g["first"]) if g["first"] == g["last"] else f"{g['first']}-{g['last']}"
+            gaps.add_row(seqs, str(g["missing"]), g["prev_boot_id"], g["boot_id"])
+        console.print(gaps)
 
 
 @click.command()
@@ -173,7 +187,9 @@ def _merged_view(group: dict[str, Any]) -> Table:
 def status(home: Path | None, as_json: bool) -> None:
     """Show fleet-wide counts.
 
-    Devices online and offline, windows and events stored, rejected messages by reason.
+    Devices online and offline, windows and events stored, rejected messages by reason (`conflict`: a copy of a
+    stored window or event that differs from it), and gaps: seqs missing between a device's stored windows and
+    events, fleet-wide and per device (`fleet devices show DEVICE` lists them).
     """
     with contextlib.closing(open_store(home)) as store:
         summary = views.summary_json(store.summary())
@@ -187,4 +203,12 @@ def status(home: Path | None, as_json: bool) -> None:
     table.add_row("events", str(summary["events"]))
     rejects = ", ".join(f"{reason}: {n}" for reason, n in summary["rejects"].items())
     table.add_row("rejected", rejects or "none")
+    gaps = summary["gaps"]
+    if gaps["devices"]:
+        worst = sorted(gaps["devices"].items(), key=lambda item: (-item[1], item[0]))
+        named = ", ".join(f"{device}: {n}" for device, n in worst[:_GAP_DEVICES_SHOWN])
+        more = f", {len(worst) - _GAP_DEVICES_SHOWN} more" if len(worst) > _GAP_DEVICES_SHOWN else ""
+        table.add_row("gaps", f"{gaps['missing']} seqs missing on {len(worst)} devices ({named}{more})")
+    else:
+        table.add_row("gaps", "none")
     Console().print(table)

@@ -16,6 +16,7 @@ from fleet.store.rows import (
     DesiredRecord,
     Device,
     DeviceDetail,
+    Gap,
     InstallOutcome,
     Reject,
     Summary,
@@ -24,7 +25,12 @@ from fleet.store.rows import (
 
 
 class IngestWrites(Protocol):
-    """The ingest's hot path: validated messages in batches, one transaction each, duplicates absorbed."""
+    """The ingest's hot path: validated messages in batches, one transaction each, duplicates absorbed.
+
+    A copy of a stored window or event (same device, boot and seq) is absorbed when it is the same message; one that
+    differs is a ``conflict`` reject: counted with the rejects, logged with its key, appended to ``conflicts`` when
+    the caller passes a list, and never stored over the first. Either way the message is done with (ack it).
+    """
 
     def write_batch(
         self,
@@ -34,6 +40,7 @@ class IngestWrites(Protocol):
         rejects: Sequence[Reject] = (),
         received_at: float | None = None,
         payloads: Sequence[bytes] | None = None,
+        conflicts: list[Reject] | None = None,
     ) -> int: ...
 
 
@@ -47,6 +54,8 @@ class Devices(Protocol):
     def last_install(self, device_id: str) -> InstallOutcome | None: ...
 
     def summary(self) -> Summary: ...
+
+    def gaps(self, device_id: str | None = None) -> list[Gap]: ...
 
     def record_enrollment(self, device_id: str, actor: str, detail: Mapping[str, Any]) -> None: ...
 

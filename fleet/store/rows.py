@@ -77,13 +77,39 @@ class InstallOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs ``first`` to ``last`` of a device that the fleet has not stored: no window or event holds them.
+
+    A device's seqs come from its outbox, one sequence for windows and events that continues across boots, so a gap
+    is a run of missing seqs between two stored ones: ``prev_boot_id`` is the boot of the seq stored just before it,
+    ``boot_id`` the boot of the one just after (equal unless the loss straddles a reboot). A seq the device itself
+    dropped (outbox full, disk full) is missing too, and was counted in the ``dropped`` field of a later window; the
+    rest were lost or are still on their way. A resend that stores a missing seq narrows or closes the gap.
+    """
+
+    device_id: str
+    first: int
+    last: int
+    prev_boot_id: str
+    boot_id: str
+
+    @property
+    def missing(self) -> int:
+        """How many seqs the gap spans."""
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceDetail:
-    """One device with its event count, latest events (newest first) and latest install outcome."""
+    """One device with its event count, latest events (newest first) and latest install outcome; ``gaps`` are its
+    latest gaps (lowest seq first, at most the store's ``LAST_GAPS``), ``missing`` the seqs missing in all of them."""
 
     device: Device
     events: int
     last_events: tuple[Event, ...]
     last_install: InstallOutcome | None
+    gaps: tuple[Gap, ...] = ()
+    missing: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +144,14 @@ class Telemetry:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """Fleet-wide counts for `fleet status`."""
+    """Fleet-wide counts for `fleet status`; ``gaps`` is the number of missing seqs per device that has any."""
 
     devices: int
     online: int
     windows: int
     events: int
     rejects: dict[str, int]
+    gaps: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,6 @@ _WINDOW_COLUMNS = (*_WINDOW_SCALARS, "payload")
 _EVENT_COLUMNS = ("device_id", "boot_id", "seq", "ts", "type", "model", "detail", "received_at")
 
 
-
 def _schema_v1(db: sqlite_utils.Database) -> None:
     db["devices"].create(
         {
@@ -278,3 +277,35 @@ def event_row(e: Mapping[str, Any], received_at: float) -> tuple[Any, ...]:
         dumps(e["detail"]),
         received_at,
     )
+
+
+# A copy of a stored window or event is looked for only in a batch that had one (INSERT OR IGNORE stored fewer rows
+# than it was given), after the inserts: then each of the batch's rows is compared with the row stored under its
+# key, which is either itself (new, or an identical copy) or the first message sent under that key (a conflict).
+# Windows compare by their wire bytes (identical resends are byte-identical); events by what identifies them.
+_CONFLICTING_WINDOWS = (
+    "SELECT 'telemetry', k.column1, k.column2, k.column3, length(k.column4) FROM (VALUES {rows}) AS k "
+    "JOIN windows w ON w.device_id = k.column1 AND w.boot_id = k.column2 AND w.seq = k.column3 "
+    "WHERE w.payload IS NOT k.column4"
+)
+_CONFLICTING_EVENTS = (
+    "SELECT 'events', k.column1, k.column2, k.column3, length(k.column7) FROM (VALUES {rows}) AS k "
+    "JOIN events e ON e.device_id = k.column1 AND e.boot_id = k.column2 AND e.seq = k.column3 "
+    "WHERE NOT (e.type IS k.column4 AND e.ts IS k.column5 AND e.model IS k.column6 AND e.detail IS k.column7)"
+)
+
+
+def conflicting(window_rows: Sequence[tuple[Any, ...]], event_rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+    """One query (and its parameters) naming the (kind, device_id, boot_id, seq, size) of every row of ``window_rows``
+    (from :func:`window_row`) and ``event_rows`` (from :func:`event_row`) whose key holds a different message."""
+    parts: list[str] = []
+    params: list[Any] = []
+    if window_rows:
+        parts.append(_CONFLICTING_WINDOWS.format(rows=", ".join(["(?, ?, ?, ?)"] * len(window_rows))))
+        for r in window_rows:
+            params += (r[0], r[1], r[2], r[11])
+    if event_rows:
+        parts.append(_CONFLICTING_EVENTS.format(rows=", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(event_rows))))
+        for r in event_rows:
+            params += (r[0], r[1], r[2], r[4], r[3], r[5], r[6])
+    return " UNION ALL ".join(parts), params

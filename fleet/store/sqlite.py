@@ -3,7 +3,11 @@ state signed for each device, and the audit log (the :mod:`fleet.store.api` prot
 
 Writes come in batches from the ingest, one transaction each, so the fleet keeps up with the broker. Windows and
 events are keyed by (device_id, boot_id, seq) and inserted with INSERT OR IGNORE: a message the broker redelivers
-(the ingest acks only after commit) is absorbed here, which makes storage exactly-once.
+(the ingest acks only after commit) is absorbed here, which makes storage exactly-once. A copy that differs from the
+stored message (a forged window sent ahead of the real one, say) is a ``conflict`` reject, counted and logged.
+
+Gaps (the seqs of a device that no stored window or event holds) are computed when read, with window functions over
+the device's windows and events: nothing is kept for them, so the ingest's write path pays nothing.
 
 A device's ``last_seen`` is when the fleet received its latest message: device clocks may be wrong, the fleet's is
 the one clock every device is compared on. The audit log is append-only (triggers refuse UPDATE and DELETE) and
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -29,6 +34,7 @@ import sqlite_utils
 
 from agent import protocol
 from agent.histograms import merge_windows
+from agent.logs import event
 from fleet.errors import FleetError, StoreUnavailable
 from fleet.store.audit import next_row, verify_chain
 from fleet.store.rows import (
@@ -38,6 +44,7 @@ from fleet.store.rows import (
     Device,
     DeviceDetail,
     Event,
+    Gap,
     InstallOutcome,
     Reject,
     Summary,
@@ -53,11 +60,14 @@ from fleet.store.schema import (
     REJECT,
     SCHEMA_VERSION,
     SEEN_DEVICE,
+    conflicting,
     dumps,
     event_row,
     migrate,
     window_row,
 )
+
+log = logging.getLogger(__name__)
 
 _DEVICE_JSON_FIELDS = ("hardware", "runtimes", "models")
 #: Longest topic and detail text kept for a reject: enough to find the sender, never a payload dump.
@@ -66,10 +76,51 @@ _REJECT_TEXT_MAX = 256
 LAST_EVENTS = 20
 #: Device events that end an install attempt (the device's update flow emits them; `install_state` is progress).
 INSTALL_OUTCOMES = ("install_committed", "install_failed", "rolled_back")
+#: How many of a device's gaps (the latest, by seq) `device()` returns; its ``missing`` counts them all.
+LAST_GAPS = 50
+#: Rows per conflict lookup: keeps its parameters (7 an event) under SQLite's default limit of 32,766.
+_CONFLICT_CHUNK = 4000
+
+# A device's seqs (windows and events share one sequence) in order, each with the one stored before it: where they
+# are more than one apart, the seqs between are missing. {where} narrows both tables alike (one device, or none).
+_STEPS = """
+WITH seqs AS (
+    SELECT device_id, boot_id, seq FROM windows {where}
+    UNION ALL
+    SELECT device_id, boot_id, seq FROM events {where}
+), steps AS (
+    SELECT device_id, boot_id, seq,
+           lag(seq) OVER by_seq AS prev_seq,
+           lag(boot_id) OVER by_seq AS prev_boot_id
+    FROM seqs
+    WINDOW by_seq AS (PARTITION BY device_id ORDER BY seq, boot_id)
+)
+"""
+_GAPS = (
+    _STEPS
+    + """
+SELECT device_id, prev_seq + 1 AS first, seq - 1 AS last, prev_boot_id, boot_id FROM steps
+WHERE seq - prev_seq > 1 ORDER BY device_id, first
+"""
+)
+_MISSING = (
+    _STEPS
+    + """
+SELECT device_id, sum(seq - prev_seq - 1) AS missing FROM steps
+WHERE seq - prev_seq > 1 GROUP BY device_id ORDER BY device_id
+"""
+)
+
 
 def _storable(text: str) -> str:
     """Reject texts quote what a device sent, which may hold lone surrogates that SQLite's UTF-8 cannot carry."""
     return text[:_REJECT_TEXT_MAX].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _conflict_reject(kind: str, device_id: str, boot_id: str, seq: int, size: int) -> Reject:
+    """A copy that differs from the message stored under its key; the topic is the tail after the prefix."""
+    detail = f"{kind} seq {seq} of {device_id} boot {boot_id} differs from the one stored under that key"
+    return Reject("conflict", f"{device_id}/{kind}", detail, size)
 
 
 def _loads(text: str | None) -> Any:
@@ -200,13 +251,16 @@ class SqliteStore:
         rejects: Sequence[Reject] = (),
         received_at: float | None = None,
         payloads: Sequence[bytes] | None = None,
+        conflicts: list[Reject] | None = None,
     ) -> int:
         """Store validated messages in one transaction; returns how many windows and events were new.
 
         ``payloads`` are the windows' bytes as they came off the wire (what ``protocol.decode`` turned into
         ``windows``), stored as they are; without them, the windows are encoded here. Statuses apply in the given
-        order. The difference between the windows and events given and the number returned is the duplicates that
-        were absorbed.
+        order. The difference between the windows and events given and the number returned is the copies of stored
+        ones: duplicates absorbed, and conflicts (a copy that differs from what is stored under its key, see
+        :meth:`_conflicts`), which are recorded as ``conflict`` rejects, logged, and appended to ``conflicts`` if
+        given. A batch without copies costs no query more.
         """
         now = time.time() if received_at is None else received_at
         if payloads is None:
@@ -219,10 +273,40 @@ class SqliteStore:
             for s in status:
                 self._apply_status(conn, s, now)
             conn.executemany(SEEN_DEVICE, [(d, now, now, boot) for d, boot in seen.items()])
-            stored = conn.executemany(INSERT_WINDOW, window_rows).rowcount if window_rows else 0
-            stored += conn.executemany(INSERT_EVENT, event_rows).rowcount if event_rows else 0
-            conn.executemany(REJECT, self._reject_rows(rejects, now))
-        return stored
+            new_windows = conn.executemany(INSERT_WINDOW, window_rows).rowcount if window_rows else 0
+            new_events = conn.executemany(INSERT_EVENT, event_rows).rowcount if event_rows else 0
+            found: list[tuple[str, str, str, int, int]] = []
+            if new_windows < len(window_rows) or new_events < len(event_rows):
+                found = self._conflicts(
+                    conn,
+                    window_rows if new_windows < len(window_rows) else (),
+                    event_rows if new_events < len(event_rows) else (),
+                )
+            found_rejects = [_conflict_reject(*key) for key in found]
+            conn.executemany(REJECT, self._reject_rows([*rejects, *found_rejects] if found else rejects, now))
+        for kind, device_id, boot_id, seq, size in found:
+            event(log, "ingest_conflict", logging.WARNING, kind=kind, device_id=device_id, boot_id=boot_id, seq=seq,
+                  size=size)  # fmt: skip
+        if conflicts is not None:
+            conflicts.extend(found_rejects)
+        return new_windows + new_events
+
+    @staticmethod
+    def _conflicts(
+        conn: sqlite3.Connection, window_rows: Sequence[tuple[Any, ...]], event_rows: Sequence[tuple[Any, ...]]
+    ) -> list[tuple[str, str, str, int, int]]:
+        """The (kind, device_id, boot_id, seq, size) of each row of a batch (already inserted or ignored) whose key
+        holds a different message.
+
+        One query per batch (per 4,000 rows): a window differs when its wire bytes do, an event when its type,
+        time, model or detail does. A row this very batch stored is itself, so only copies can differ.
+        """
+        found: list[tuple[str, str, str, int, int]] = []
+        for start in range(0, max(len(window_rows), len(event_rows)), _CONFLICT_CHUNK):
+            end = start + _CONFLICT_CHUNK
+            sql, params = conflicting(window_rows[start:end], event_rows[start:end])
+            found.extend(conn.execute(sql, params).fetchall())
+        return found
 
     @staticmethod
     def _apply_status(conn: sqlite3.Connection, s: Mapping[str, Any], now: float) -> None:
@@ -397,9 +481,26 @@ class SqliteStore:
         latest = self._rows(
             "SELECT * FROM events WHERE device_id = ? ORDER BY ts DESC, seq DESC LIMIT ?", (device_id, LAST_EVENTS)
         )
+        gaps = self.gaps(device_id)
         return DeviceDetail(
-            _device(row), events, tuple(_event(e) for e in latest), self.last_install(device_id)
+            _device(row),
+            events,
+            tuple(_event(e) for e in latest),
+            self.last_install(device_id),
+            tuple(gaps[-LAST_GAPS:]),
+            sum(g.missing for g in gaps),
         )
+
+    def gaps(self, device_id: str | None = None) -> list[Gap]:
+        """The runs of seqs missing between a device's stored windows and events (every device's, without
+        ``device_id``), by device and seq. Seqs before the first stored one and after the last are not gaps: the
+        fleet cannot tell those from seqs of an outbox it never heard from, or not sent yet."""
+        where, params = ("WHERE device_id = ?", (device_id, device_id)) if device_id is not None else ("", ())
+        return [Gap(**row) for row in self._rows(_GAPS.format(where=where), params)]
+
+    def missing_counts(self) -> dict[str, int]:
+        """How many seqs are missing in the gaps of each device that has any."""
+        return {r["device_id"]: r["missing"] for r in self._rows(_MISSING.format(where=""))}
 
     def last_install(self, device_id: str) -> InstallOutcome | None:
         """The device's latest install outcome (committed, failed, rolled back), or None."""
@@ -460,7 +561,9 @@ class SqliteStore:
         devices = self._rows("SELECT count(*) AS total, coalesce(sum(online), 0) AS online FROM devices")[0]
         windows = self._rows("SELECT count(*) AS n FROM windows")[0]["n"]
         events = self._rows("SELECT count(*) AS n FROM events")[0]["n"]
-        return Summary(devices["total"], devices["online"], windows, events, self.reject_counts())
+        return Summary(
+            devices["total"], devices["online"], windows, events, self.reject_counts(), self.missing_counts()
+        )
 
 
 def _device(row: dict[str, Any]) -> Device:
