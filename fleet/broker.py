@@ -31,6 +31,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (as servers bind: SO_REUSEADDR, so connections of an
+    earlier run still closing do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -59,13 +71,17 @@ class MosquittoBroker:
     """A `mosquitto` process on loopback, with persistence so sessions survive a restart of the broker.
 
     ``stop()`` is a graceful SIGTERM (mosquitto saves its state); ``kill()`` is SIGKILL, for fault injection.
+    ``persistence=False`` is Mosquitto's default configuration: a restart forgets every session.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, binary: str | None = None, *, persistence: bool = True
+    ) -> None:
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = Path(workdir)
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -86,7 +102,7 @@ class MosquittoBroker:
                     "allow_anonymous true",
                     # As root, mosquitto would switch to the `mosquitto` user, who cannot write our workdir.
                     f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-                    "persistence true",
+                    f"persistence {'true' if self.persistence else 'false'}",
                     f"persistence_location {self.workdir}/",
                     "autosave_interval 5",
                     "max_queued_messages 100000",
@@ -112,6 +128,9 @@ class MosquittoBroker:
         log_file.close()
         try:
             wait_for_port(self.host, self.port)
+            time.sleep(0.05)
+            if self.proc.poll() is not None:  # something else listens there: mosquitto could not bind and exited
+                raise TimeoutError
         except TimeoutError:
             self.kill()
             raise RuntimeError(f"mosquitto did not start; see {self.workdir / 'mosquitto.log'}") from None

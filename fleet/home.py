@@ -41,6 +41,10 @@ class Home:
     def broker_dir(self) -> Path:
         return self.root / "broker"
 
+    @property
+    def addresses(self) -> Path:
+        return addresses_file(self.root)
+
 
 def resolve_home(home: str | Path | None = None) -> Path:
     """``--home`` if given, else ``$EDGEFLEET_HOME``, else ``~/.edgefleet``."""
@@ -108,3 +112,32 @@ def serve_record(home: Path, info: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+# The ports `fleet serve` chose, kept across its restarts so that enrolled devices find the broker and the repository
+# where they were.
+
+
+def addresses_file(home: Path) -> Path:
+    return home / "addresses.json"
+
+
+def remembered_ports(home: Path) -> dict[str, int]:
+    """The ports the last `fleet serve` on this home used (``broker``, ``repo``); empty if none is remembered.
+
+    A file that cannot be read or holds something else counts as none: the ports are then chosen afresh."""
+    try:
+        found = json.loads(addresses_file(home).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: v for k, v in found.items() if k in ("broker", "repo") and isinstance(v, int) and 0 < v < 65536}
+
+
+def remember_ports(home: Path, **ports: int | None) -> None:
+    """Record the ports in use (``broker=``, ``repo=``; None leaves a port's record as it is), if they changed."""
+    known = remembered_ports(home)
+    updated = {**known, **{k: v for k, v in ports.items() if v is not None}}
+    if updated != known:
+        write_atomic(addresses_file(home), json.dumps(updated, indent=1).encode(), mode=_FILE_MODE)

@@ -2,10 +2,12 @@
 
 Parts, in start order: the home (database, keys and repository, made if missing), the broker (embedded, or an
 external one named by URL), the repository server (HTTP), metadata renewal, the telemetry workers (N processes on a
-shared subscription, see :mod:`fleet.ingest.workers`), the main ``Ingest`` (status and events; everything when there
-are no workers) and, once ready, ``<home>/serve.json``. :meth:`FleetServer.stop` takes them down in reverse: the
-record first, then the main ingest (final commit and acks), the workers, renewal, the repository server, the broker
-and the store last.
+shared subscription, see :mod:`fleet.ingest.workers`; a probe checks that they receive, else they are stopped and
+telemetry stays in this process), the main ``Ingest`` (status and events; everything when there are no workers) and,
+once ready, ``<home>/serve.json``. The embedded broker's and the repository server's ports are kept in
+``<home>/addresses.json`` and taken again at the next start, so devices find the fleet where they left it.
+:meth:`FleetServer.stop` takes them down in reverse: the record first, then the main ingest (final commit and acks),
+the workers, renewal, the repository server, the broker and the store last.
 
     >>> with FleetServer(ServerSettings(home=Path("/tmp/fleet"), ingest_workers=0)) as server:
     ...     print(server.broker_url, server.repo_url)   # started and ready
@@ -26,15 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from agent.logs import event
-from fleet.broker import AmqttBroker, Broker, embedded_broker
+from fleet.broker import AmqttBroker, Broker, embedded_broker, port_free
 from fleet.errors import FleetError
-from fleet.home import Home, init_home, running_serve, serve_record
+from fleet.home import Home, addresses_file, init_home, remember_ports, remembered_ports, running_serve, serve_record
 from fleet.ingest.mqtt import Ingest
-from fleet.ingest.workers import DEFAULT_INGEST_WORKERS, TelemetryWorkers, WorkerSpec, retire
+from fleet.ingest.workers import DEFAULT_INGEST_WORKERS, PROBE_TIMEOUT_S, TelemetryWorkers, WorkerSpec, retire
 from fleet.ops.init import ensure_repository
 from fleet.store import open_store
 from fleet.trust.renewal import MetadataRenewal
@@ -65,18 +68,22 @@ class StartFailed(FleetError):
 class ServerSettings:
     """What the fleet service runs with (`fleet serve`'s options). Checked when made: :class:`SettingsError`.
 
-    ``broker_url`` None starts an embedded broker in the home (on ``port``, else a free one). ``repo_port`` 0 picks
-    a free port. ``ingest_workers`` 0 keeps telemetry in this process (forced with the amqtt fallback broker, which
-    has no shared subscriptions). ``log_level`` is the workers' (the caller sets up its own process's logging).
+    ``broker_url`` None starts an embedded broker in the home on ``port``; ``port`` None takes the port the last
+    start used (remembered in ``<home>/addresses.json``), else a free one. ``repo_port`` likewise: None is the
+    remembered port, else a free one; 0 picks a new free port. Ports in use are remembered, so enrolled devices find
+    the fleet where they left it after a restart. ``ingest_workers`` 0 keeps telemetry in this process (forced with
+    the amqtt fallback broker, which has no shared subscriptions, and when a probe shows that the broker does not
+    deliver on them). ``log_level`` is the workers' (the caller sets up its own process's logging).
     ``ready_timeout`` is how long :meth:`FleetServer.start` waits for the ingest to subscribe before it returns
-    anyway (logging ``broker_unreachable``; the ingest keeps retrying).
+    anyway (logging ``broker_unreachable``; the ingest keeps retrying). ``probe_timeout`` is how long it waits for a
+    telemetry worker to receive its probe.
     """
 
     home: Path
     broker_url: str | None = None
     port: int | None = None
     repo_host: str = "127.0.0.1"
-    repo_port: int = 0
+    repo_port: int | None = None
     prefix: str = protocol.DEFAULT_PREFIX
     client_id: str = "edgefleet-ingest"
     tls: TlsFiles = field(default_factory=TlsFiles)
@@ -84,6 +91,7 @@ class ServerSettings:
     stats_interval: float = 60.0
     log_level: str = "INFO"
     ready_timeout: float = 10.0
+    probe_timeout: float = PROBE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.port is not None and self.broker_url is not None:
@@ -108,11 +116,11 @@ class ServerSettings:
                 f"({self.client_id!r})",
                 "choose a client id of letters, digits, '-' and '_'",
             )
-        if self.ingest_workers < 0 or self.stats_interval <= 0 or self.ready_timeout < 0:
+        if self.ingest_workers < 0 or self.stats_interval <= 0 or self.ready_timeout < 0 or self.probe_timeout <= 0:
             raise SettingsError(
                 "bad_settings",
                 f"ingest_workers {self.ingest_workers}, stats_interval {self.stats_interval}, "
-                f"ready_timeout {self.ready_timeout}",
+                f"ready_timeout {self.ready_timeout}, probe_timeout {self.probe_timeout}",
                 "use workers >= 0 and positive intervals",
             )
 
@@ -182,10 +190,12 @@ class FleetServer:
         self._parts.callback(renewal.stop)
         spec = WorkerSpec(made.db, broker_url, settings.prefix, settings.client_id, settings.client_id,
                           settings.tls, settings.log_level)  # fmt: skip
+        workers_ready = True
         if self.ingest_workers:
             self.workers = TelemetryWorkers(spec, self.ingest_workers)
             self.workers.start()
-            self._parts.callback(self.workers.stop)  # after the main ingest's stop: closed in reverse
+            self._parts.callback(self._stop_workers)  # after the main ingest's stop: closed in reverse
+            workers_ready = self._check_workers(spec)
         elif shared_subscriptions:
             retire(spec, 0)  # an earlier run's workers left sessions holding windows: store those first
         kinds = (protocol.Kind.STATUS, protocol.Kind.EVENTS) if self.workers else protocol.DEVICE_PUBLISHED
@@ -194,7 +204,7 @@ class FleetServer:
         self.ingest.start()
         self._parts.callback(self.ingest.stop)  # final commit and acks
         ready = self.ingest.wait_ready(settings.ready_timeout)
-        if not ready or (self.workers is not None and not self.workers.wait_ready(settings.ready_timeout)):
+        if not ready or not workers_ready:
             event(log, "broker_unreachable", logging.WARNING, broker=broker_url, retrying=True)
         files = (("ca", settings.tls.ca), ("cert", settings.tls.cert), ("key", settings.tls.key))
         tls = {name: str(path.resolve()) for name, path in files if path}
@@ -204,12 +214,45 @@ class FleetServer:
         self._next_stats = time.monotonic() + settings.stats_interval
         event(log, "serve_started", home=str(root), broker=broker_url, repo=self.repo_url, prefix=settings.prefix)
 
+    def _check_workers(self, spec: WorkerSpec) -> bool:
+        """Probe the workers' shared subscription; without delivery, stop them and keep telemetry in this process.
+        False if the workers did not subscribe in time (the broker is unreachable: nothing probed)."""
+        assert self.workers is not None
+        if not self.workers.wait_ready(self.settings.ready_timeout):
+            event(log, "ingest_workers_unchecked", logging.WARNING, reason="the workers did not subscribe in time")
+            return False
+        why = self.workers.probe(self.settings.probe_timeout)
+        if why is None:
+            event(log, "ingest_workers_checked", workers=self.ingest_workers)
+            return True
+        event(log, "ingest_workers_off", logging.WARNING, workers=self.ingest_workers,
+              reason=f"the broker does not deliver on shared subscriptions ($share/...): {why}; "
+                     "one ingest in this process takes all telemetry")  # fmt: skip
+        self._stop_workers()
+        self.workers = None
+        self.ingest_workers = 0
+        retire(spec, 0)  # the workers' sessions hold their $share subscriptions: remove them
+        return True
+
+    def _stop_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
+
     def _start_broker(self, made: Home) -> tuple[str, bool]:
         """The broker's URL, and whether it has shared subscriptions (the amqtt fallback has none)."""
         if self.settings.broker_url is not None:
             return self.settings.broker_url, True
+        port = self.settings.port or remembered_ports(made.root).get("broker")
+        if port is not None and not port_free("127.0.0.1", port):
+            where = "" if self.settings.port else f" (the last start's, remembered in {addresses_file(made.root)})"
+            raise StartFailed(
+                "broker_port_taken",
+                f"the embedded broker's port 127.0.0.1:{port}{where} is taken by another program",
+                "stop what listens there, or give the broker another port with --port (devices enrolled with the "
+                "old one then need a new bundle: `fleet enroll --force`)",
+            )
         try:
-            broker = embedded_broker(made.broker_dir, self.settings.port)
+            broker = embedded_broker(made.broker_dir, port)
         except (RuntimeError, OSError) as exc:
             raise StartFailed(
                 "broker_failed",
@@ -218,6 +261,7 @@ class FleetServer:
             ) from None
         self.broker = broker
         self._parts.callback(broker.stop)
+        remember_ports(made.root, broker=broker.port)
         if not isinstance(broker, AmqttBroker):
             return broker.url, True
         if self.ingest_workers:
@@ -226,17 +270,24 @@ class FleetServer:
         return broker.url, False
 
     def _start_repo_server(self, repo: Repository) -> None:
+        root = self.home.root
         host, port = self.settings.repo_host, self.settings.repo_port
+        remembered = port is None
+        if port is None:
+            port = remembered_ports(root).get("repo", 0)
         try:
             repo_server = RepoServer(repo.dir, host=host, port=port).start()
         except OSError as exc:
+            where = f" (the last start's, remembered in {addresses_file(root)})" if remembered else ""
             raise StartFailed(
                 "repo_server_failed",
-                f"the repository server cannot listen on {host}:{port}: {exc}",
-                "name a free port with --repo-port (0 picks one), or an address of this machine with --repo-host",
+                f"the repository server cannot listen on {host}:{port}{where}: {exc}",
+                "stop what listens there, or name a free port with --repo-port (0 picks one; devices enrolled "
+                "with the old one then need a new bundle), or an address of this machine with --repo-host",
             ) from None
         self._parts.callback(repo_server.stop)
         self.repo_url = repo_server.url
+        remember_ports(root, repo=urlsplit(repo_server.url).port)
 
     def stop(self) -> None:
         """Stop everything, in reverse order of start: serve.json, ingest (final commit and acks), workers, renewal,

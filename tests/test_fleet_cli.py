@@ -244,6 +244,46 @@ def test_serve_exits_1_naming_the_fix_when_the_repository_port_is_taken_and_leav
     assert not (home / "serve.json").exists()
 
 
+def _serve_once(home: Path, log: Path, *options: str) -> tuple[str, str]:
+    """Start `fleet serve`, read where it runs (its two stdout lines), stop it with SIGTERM."""
+    with log.open("a") as stderr:
+        proc = subprocess.Popen([str(FLEET), "serve", "--home", str(home), "--ingest-workers", "0", *options],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        try:
+            return _first_line(proc, 30), _first_line(proc, 5)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+
+
+def test_serve_restarted_comes_back_on_the_same_broker_and_repository_addresses_and_says_when_one_is_taken(
+    tmp_path: Path,
+) -> None:
+    home, log = tmp_path / "home", tmp_path / "serve.log"
+    first = _serve_once(home, log)
+    assert first[0].startswith("broker: mqtt://127.0.0.1:") and first[1].startswith("repo: http://127.0.0.1:")
+    assert _serve_once(home, log) == first
+    assert (home / "addresses.json").stat().st_mode & 0o777 == 0o600
+
+    repo_port = int(first[1].rsplit(":", 1)[1])
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", repo_port))
+        taken.listen()
+        serve = [str(FLEET), "serve", "--home", str(home), "--ingest-workers", "0"]
+        result = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("Error:")]
+    assert f"127.0.0.1:{repo_port} (the last start's, remembered in {home / 'addresses.json'})" in line
+    assert "--repo-port" in line and "Traceback" not in result.stderr
+
+
+def test_serve_help_documents_the_remembered_ports() -> None:
+    shown = " ".join(fleet("serve", "--help").stdout.split())
+    assert "--port INTEGER RANGE Port of the embedded broker; remembered in <home>/addresses.json" in shown
+    assert "--repo-port INTEGER RANGE Port of the release repository's HTTP server" in shown
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The read commands
 

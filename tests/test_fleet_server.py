@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from click.testing import CliRunner
 from test_ingest import birth, wait_for, window
 
 from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from agent.protocol import Kind
+from fleet.broker import free_port, wait_for_port
+from fleet.cli import main as fleet_main
 from fleet.errors import FleetError
 from fleet.server import AlreadyRunning, FleetServer, ServerSettings, SettingsError, StartFailed
 from fleet.store import open_store
@@ -88,11 +96,14 @@ def test_a_fleet_server_stores_a_devices_telemetry_and_stops_cleanly(
         stats = server.stats()
         assert stats["received"] >= 1
         assert ("telemetry_workers" in stats) == bool(workers)
+        if workers:  # mosquitto delivers on shared subscriptions: the probe at start passed and the workers stayed on
+            assert server.ingest_workers == workers and stats["telemetry_workers"]["probes"] >= 1
 
     assert not (home / "serve.json").exists(), "a clean stop removes serve.json"
     assert refused(broker_url), "the embedded broker stopped with the server"
     events = [r.getMessage() for r in caplog.records]
     assert events.index("serve_started") < events.index("ingest_stopped") < events.index("serve_stopped")
+    assert ("ingest_workers_checked" in events) == bool(workers) and "ingest_workers_off" not in events
     server.stop()  # twice is harmless
 
 
@@ -170,3 +181,135 @@ def test_the_renewal_thread_re_signs_an_expiring_timestamp_and_stops(tmp_path: P
         )
     finally:
         renewal.stop()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Addresses that survive a restart
+
+
+EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
+
+
+def _connections(log: Path) -> list[str]:
+    """The broker URL of every `mqtt_connected` the agent logged."""
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [e["broker"] for e in entries if e.get("event") == "mqtt_connected"]
+
+
+def test_a_restarted_fleet_server_keeps_its_addresses_and_an_enrolled_agent_reconnects_by_itself(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    settings = ServerSettings(home=home, ingest_workers=0, log_level="WARNING")
+    bundle, log_path = tmp_path / "bundle", tmp_path / "agent.log"
+    first = FleetServer(settings).start()
+    agent_proc: subprocess.Popen[bytes] | None = None
+    log = log_path.open("w")
+    try:
+        addresses = (first.broker_url, first.repo_url)
+        enrolled = CliRunner().invoke(fleet_main, ["enroll", "pi-r1", "--out", str(bundle), "--state-dir",
+                                                   str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}",
+                                                   "--home", str(home)])  # fmt: skip
+        assert enrolled.exit_code == 0, enrolled.output
+        agent_proc = subprocess.Popen([EDGE_AGENT, "run", "--config", bundle / "agent.toml"], stdout=log, stderr=log)
+        wait_for(lambda: _connections(log_path) == [first.broker_url], "the agent's first connection", timeout=30)
+        first.stop()
+        remembered = json.loads((home / "addresses.json").read_text())
+        assert remembered == {"broker": BrokerAddress.parse(addresses[0] or "").port,
+                              "repo": int((addresses[1] or "").rsplit(":", 1)[1])}  # fmt: skip
+        assert refused(addresses[0] or "")
+
+        with FleetServer(settings) as second:
+            assert (second.broker_url, second.repo_url) == addresses
+            wait_for(lambda: len(_connections(log_path)) >= 2, "the agent to reconnect by itself", timeout=60)
+            assert set(_connections(log_path)) == {addresses[0]}
+            store = open_store(home / "fleet.db")
+            try:
+                wait_for(lambda: (d := store.device("pi-r1")) is not None and d.device.online, "the device online")
+            finally:
+                store.close()
+            with urllib.request.urlopen(f"{second.repo_url}/metadata/root.json", timeout=5) as response:
+                assert response.status == 200
+    finally:
+        if agent_proc is not None:
+            agent_proc.send_signal(signal.SIGTERM)
+            agent_proc.wait(20)
+        log.close()
+        first.stop()
+
+
+def test_a_remembered_broker_port_taken_by_another_program_fails_the_start_in_one_line_naming_the_fix(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    with FleetServer(ServerSettings(home=home, ingest_workers=0)) as server:
+        port = server.broker.port  # type: ignore[union-attr]
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the fleet's last connections may be closing
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(StartFailed) as failed:
+            FleetServer(ServerSettings(home=home, ingest_workers=0)).start()
+    assert failed.value.reason == "broker_port_taken"
+    assert f"127.0.0.1:{port}" in failed.value.message() and "addresses.json" in failed.value.message()
+    assert "--port" in failed.value.fix and "\n" not in failed.value.message()
+    assert not (home / "serve.json").exists()
+
+
+def test_given_ports_override_the_remembered_ones_and_are_remembered_in_turn(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with FleetServer(ServerSettings(home=home, ingest_workers=0)):
+        pass
+    port, repo_port = free_port(), free_port()
+    with FleetServer(ServerSettings(home=home, ingest_workers=0, port=port, repo_port=repo_port)) as server:
+        assert (server.broker_url, server.repo_url) == (f"mqtt://127.0.0.1:{port}", f"http://127.0.0.1:{repo_port}")
+    assert json.loads((home / "addresses.json").read_text()) == {"broker": port, "repo": repo_port}
+    with FleetServer(ServerSettings(home=home, ingest_workers=0)) as server:
+        assert (server.broker_url, server.repo_url) == (f"mqtt://127.0.0.1:{port}", f"http://127.0.0.1:{repo_port}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A broker without shared subscriptions: NATS server's MQTT grants $share/... and never delivers on it
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+@pytest.fixture
+def nats_broker(tmp_path: Path) -> Iterator[str]:
+    """A nats-server of the test's own with MQTT (which needs JetStream and a server name); yields its mqtt:// URL."""
+    if not Path(NATS_SERVER).exists():
+        pytest.skip("nats-server is not installed (apt-get install nats-server): the no-$share fallback is untested")
+    mqtt_port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f"server_name: edgefleet_test\nlisten: 127.0.0.1:{free_port()}\n"
+        f'jetstream {{ store_dir: "{tmp_path / "jetstream"}" }}\nmqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n'
+    )
+    log = (tmp_path / "nats.log").open("w")
+    proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        wait_for_port("127.0.0.1", mqtt_port, timeout=30)
+        yield f"mqtt://127.0.0.1:{mqtt_port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def test_on_a_broker_that_never_delivers_on_shared_subscriptions_the_workers_go_off_and_windows_still_arrive(
+    tmp_path: Path, nats_broker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fleet")
+    home = tmp_path / "home"
+    settings = ServerSettings(home=home, broker_url=nats_broker, log_level="WARNING", probe_timeout=2)
+    with FleetServer(settings) as server:  # the default workers
+        assert server.workers is None and server.ingest_workers == 0
+        off = [r for r in caplog.records if r.getMessage() == "ingest_workers_off"]
+        assert len(off) == 1 and "$share" in off[0].__dict__["edgefleet_fields"]["reason"], off
+        publish(nats_broker, [("pi-n", Kind.STATUS, birth("pi-n"))]
+                + [("pi-n", Kind.TELEMETRY, window("pi-n", seq)) for seq in range(5)])  # fmt: skip
+        store = open_store(home / "fleet.db")
+        try:
+            wait_for(lambda: store.window_counts() == {"pi-n": 5}, "the windows in the database", timeout=30)
+        finally:
+            store.close()

@@ -154,3 +154,27 @@ def test_a_worker_that_keeps_dying_is_restarted_less_and_less_often(
         workers.stop()
     delays = [r.edgefleet_fields["restart_in_s"] for r in caplog.records if r.getMessage() == "ingest_worker_died"]
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
+
+
+def test_a_probe_reaches_one_worker_through_the_shared_subscription_and_is_counted_never_stored(
+    db: Path, broker: MosquittoBroker, prefix: str
+) -> None:
+    workers = pool(db, broker, prefix, 2, f"ingest-{uuid.uuid4().hex[:8]}")
+    store = open_store(db)
+    try:
+        assert workers.probe(timeout=5) is None
+        assert workers.probe(timeout=5) is None
+        wait_for(lambda: workers.stats()["probes"] == 2, "both probes counted, once each")
+        stats = workers.stats()
+        assert (stats["received"], stats["stored"], stats["rejected"]) == (0, 0, {})
+        assert store.window_counts() == {}
+    finally:
+        workers.stop()
+        store.close()
+
+
+def test_a_probe_nobody_receives_says_why(db: Path, broker: MosquittoBroker, prefix: str) -> None:
+    spec = WorkerSpec(db, broker.url, prefix, "nobody", "nobody", None, "WARNING")
+    workers = TelemetryWorkers(spec, 1)  # never started: no worker subscribes
+    why = workers.probe(timeout=0.5)
+    assert why is not None and "no worker received a probe" in why

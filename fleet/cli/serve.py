@@ -40,7 +40,8 @@ _USAGE = {
 @click.option(
     "--port",
     type=click.IntRange(1, 65535),
-    help="Port of the embedded broker, so devices find it again after a restart. [default: a free port]",
+    help="Port of the embedded broker; remembered in <home>/addresses.json, so enrolled devices find it again "
+    "after a restart. [default: the last start's port, else a free one]",
 )
 @click.option(
     "--repo-host",
@@ -52,9 +53,8 @@ _USAGE = {
 @click.option(
     "--repo-port",
     type=click.IntRange(0, 65535),
-    default=0,
-    show_default=True,
-    help="Port of the release repository's HTTP server; 0 picks a free one.",
+    help="Port of the release repository's HTTP server; 0 picks a new free one. Remembered in "
+    "<home>/addresses.json like --port. [default: the last start's port, else a free one]",
 )
 @click.option("--prefix", default=protocol.DEFAULT_PREFIX, show_default=True, help="Topic prefix of the fleet.")
 @click.option("--client-id", default="edgefleet-ingest", show_default=True, help="MQTT client id of the ingest.")
@@ -68,7 +68,8 @@ _USAGE = {
     show_default=True,
     help="Processes that store telemetry, sharing one MQTT shared subscription ($share/...): more windows/s on "
     "more cores. 0 keeps everything in this process (forced with the amqtt fallback broker, which lacks shared "
-    "subscriptions). When lowered, the retired workers' sessions are drained and removed at start.",
+    "subscriptions, and when a probe at start finds that the broker does not deliver on them). When lowered, the "
+    "retired workers' sessions are drained and removed at start.",
 )
 @click.option(
     "--stats-interval",
@@ -88,7 +89,7 @@ def serve(
     broker_url: str | None,
     port: int | None,
     repo_host: str,
-    repo_port: int,
+    repo_port: int | None,
     prefix: str,
     client_id: str,
     ca: Path | None,
@@ -104,6 +105,7 @@ def serve(
     HTTP and re-signs its timestamp and snapshot metadata before they expire. Creates the home, keys and repository
     first if they are missing (as `fleet init` does). Prints `broker: URL` then `repo: URL` on stdout once the
     ingest is subscribed, and records both in <home>/serve.json until it stops; logs are JSON lines on stderr.
+    Both ports stay the same across restarts (kept in <home>/addresses.json; --port and --repo-port change them).
     """
     try:
         settings = ServerSettings(

@@ -42,12 +42,23 @@ from fleet.store.rows import Reject
 log = logging.getLogger(__name__)
 
 _KEEPALIVE_S = 30
-_RECONNECT_MIN_S = 1
-_RECONNECT_MAX_S = 30
+#: paho's reconnect back-off: devices reconnect from 0.5 s, and until the ingest has subscribed again a restarted
+#: broker without its session takes their windows and discards them, so the ingest must never wait long.
+_RECONNECT_MIN_S = 0.1
+_RECONNECT_MAX_S = 2.0
+#: The device level of :func:`probe_topic`: ``~`` is not allowed in a device id, so no device publishes there.
+_PROBE_DEVICE = "~probe"
 _RETRY_MAX_S = 5.0
 #: A batch left open (its last message was followed by a packet that was not a message, say a PINGRESP) is committed
 #: by the sweeper thread once it is this old.
 _SWEEP_S = 0.05
+
+
+def probe_topic(prefix: str) -> str:
+    """A telemetry topic no device publishes on, which the telemetry subscription (shared or not) matches: the
+    fleet publishes there to check that its telemetry subscribers really receive (:mod:`fleet.ingest.workers`). An
+    ingest acks and counts (``probes``) what arrives there and stores nothing."""
+    return f"{prefix}/{_PROBE_DEVICE}/{protocol.Kind.TELEMETRY.value}"
 
 
 class Ingest:
@@ -80,6 +91,7 @@ class Ingest:
         self.share = share
         self.batch_max = batch_max
         self.address = BrokerAddress.parse(broker_url)
+        self._client_id = client_id
         self._pending: list[Received] = []  # the open batch, guarded by _batch_lock
         self._pending_since = 0.0
         self._batch_lock = threading.Lock()  # held while a batch is open-ended or being committed
@@ -87,6 +99,8 @@ class Ingest:
         self._ready = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._connected_at: float | None = None
+        self._connections = 0
+        self._probes = 0
         self._received = 0
         self._stored = 0
         self._duplicates = 0
@@ -112,6 +126,7 @@ class Ingest:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.message_callback_add(probe_topic(prefix), self._on_probe)
         self._client = client
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -155,6 +170,7 @@ class Ingest:
                 "batches": self._batches,
                 "acks_sent": self._acks_sent,
                 "ack_bytes": self._ack_bytes,
+                "probes": self._probes,
             }
 
     # -- paho callbacks (network thread) ------------------------------------------------------------------------
@@ -172,7 +188,14 @@ class Ingest:
             return
         with self._stats_lock:
             self._connected_at = time.time()
-        event(log, "ingest_connected", broker=f"{self.address.host}:{self.address.port}", session=flags.session_present)
+            self._connections += 1
+            reconnected = self._connections > 1
+        broker = f"{self.address.host}:{self.address.port}"
+        event(log, "ingest_connected", broker=broker, session=flags.session_present)
+        if reconnected and not flags.session_present:
+            # The broker restarted without our session (no persistence, or its file lost it): whatever it had queued
+            # for us is gone, and until we subscribe again below it acknowledges and discards what devices publish.
+            event(log, "ingest_session_lost", logging.WARNING, broker=broker, client_id=self._client_id)
         # The session keeps the subscription, but a broker that lost its state would not: subscribe every time. A
         # session from a run that took other kinds (or took them unshared) drops those filters, or it would keep
         # receiving copies of what the telemetry workers store.
@@ -193,6 +216,13 @@ class Ingest:
     def _filter(self, kind: protocol.Kind, share: str | None) -> str:
         plain = protocol.subscription(self.prefix, kind)
         return f"$share/{share}/{plain}" if share else plain
+
+    def _on_probe(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """A probe (:func:`probe_topic`): counted and acked, never stored."""
+        client.ack(msg.mid, msg.qos)
+        with self._stats_lock:
+            self._probes += 1
+        event(log, "ingest_probe_received", share=self.share)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         event(log, "ingest_connect_failed", logging.WARNING, broker=f"{self.address.host}:{self.address.port}")

@@ -42,7 +42,7 @@ from agent.broker_address import BrokerAddress, TlsFiles
 from agent.files import write_atomic
 from agent.logs import event
 from fleet.errors import StoreUnavailable
-from fleet.ingest.mqtt import Ingest
+from fleet.ingest.mqtt import Ingest, probe_topic
 from fleet.store import open_store
 from fleet.store.sqlite import SqliteStore
 
@@ -65,7 +65,9 @@ _RESTART_MAX_S = 30.0
 _COLLECT_S = 30.0
 _CHECKPOINT_S = 1.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_SUMMED = ("received", "stored", "duplicates", "queue_depth", "batches")
+_SUMMED = ("received", "stored", "duplicates", "queue_depth", "batches", "probes")
+#: How long :meth:`TelemetryWorkers.probe` waits for a worker to report the probe.
+PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,30 @@ def _remove_session(spec: WorkerSpec, client_id: str, timeout: float) -> bool:
         client.loop_stop()
 
 
+def _publish_probe(spec: WorkerSpec, timeout: float) -> str | None:
+    """Publish one probe (QoS 1, acknowledged by the broker); None once it is, else why not."""
+    address = BrokerAddress.parse(spec.broker_url)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"{spec.client_id}-probe", clean_session=True, protocol=mqtt.MQTTv311
+    )
+    if address.tls:
+        (spec.tls or TlsFiles()).apply(client)
+    try:
+        client.connect(address.host, address.port)
+    except OSError as exc:
+        return f"the probe could not connect: {exc}"
+    client.loop_start()
+    try:
+        info = client.publish(probe_topic(spec.prefix), b"probe", qos=1)
+        info.wait_for_publish(timeout)
+        return None if info.is_published() else f"the broker did not acknowledge the probe within {timeout:g} s"
+    except (RuntimeError, ValueError) as exc:
+        return f"the probe was not published: {exc}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 class TelemetryWorkers:
     """``count`` telemetry ingest processes on one shared subscription, supervised: a worker that dies is restarted."""
 
@@ -267,6 +293,25 @@ class TelemetryWorkers:
                 return True
             if time.monotonic() >= deadline:
                 return False
+
+    def probe(self, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+        """Check that the shared subscription really delivers: publish a probe (:func:`~fleet.ingest.mqtt.probe_topic`)
+        and wait for a worker to report it. None if one did, else why not (for the log).
+
+        Some brokers grant ``$share/...`` subscriptions and never deliver on them (NATS server's MQTT, 2.9): the
+        workers would then subscribe fine and store nothing, while the broker acknowledges every window.
+        """
+        self._collect()
+        before = sum(r.get("probes", 0) for r in (*self._past, *self._latest))
+        published = _publish_probe(self.spec, timeout)
+        if published is not None:
+            return published
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._collect(wait=0.05)
+            if sum(r.get("probes", 0) for r in (*self._past, *self._latest)) > before:
+                return None
+        return f"no worker received a probe on the shared subscription within {timeout:g} s"
 
     def supervise(self) -> None:
         """Restart any worker that exited while the pool was not stopping; call it now and then."""
