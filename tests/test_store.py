@@ -270,3 +270,24 @@ def test_conflicts_are_looked_up_in_chunks_for_batches_larger_than_one_query_tak
     assert store.write_batch(windows=again, events=events, conflicts=found) == 0
     assert sorted(r.detail.split(" of ")[0] for r in found) == [
         "events seq 11", "events seq 12", "telemetry seq 0", "telemetry seq 4"]  # fmt: skip
+
+
+def test_the_fleet_wide_count_is_the_sum_of_each_devices_gaps(store: Store) -> None:
+    import random
+
+    rng = random.Random(9)
+    for device in ("pi-1", "pi-2", "pi-3"):
+        kept = sorted(rng.sample(range(1, 200), rng.randint(1, 150)))
+        boots = [BOOT if s < 100 else BOOT_2 for s in kept]
+        as_event = {s for s in kept if rng.random() < 0.3}
+        store.write_batch(
+            windows=[window(device, s, boot_id=b) for s, b in zip(kept, boots, strict=True) if s not in as_event],
+            events=[event(device, s, boot_id=b) for s, b in zip(kept, boots, strict=True) if s in as_event],
+        )
+    # An event stored under a window's key (a copy the fleet cannot tell apart across tables) fills no seq twice.
+    store.write_batch(windows=[window("pi-4", s) for s in (1, 2, 5)], events=[event("pi-4", 2)])
+    per_device: dict[str, int] = {}
+    for gap in store.gaps():
+        per_device[gap.device_id] = per_device.get(gap.device_id, 0) + gap.missing
+    assert per_device["pi-4"] == 2
+    assert store.summary().gaps == per_device
