@@ -49,6 +49,9 @@ _RECONNECT_MAX_S = 2.0
 #: The device level of :func:`probe_topic`: ``~`` is not allowed in a device id, so no device publishes there.
 _PROBE_DEVICE = "~probe"
 _RETRY_MAX_S = 5.0
+#: How long the acknowledgements to devices of committed batches are gathered before they are sent (by the sweeper):
+#: a device with messages in several batches meanwhile gets one acknowledgement, so a backlog costs a few per device.
+_ACK_DELAY_S = 0.25
 #: A batch left open (its last message was followed by a packet that was not a message, say a PINGRESP) is committed
 #: by the sweeper thread once it is this old.
 _SWEEP_S = 0.05
@@ -107,6 +110,8 @@ class Ingest:
         self._batches = 0
         self._acks_sent = 0  # acknowledgements published to devices, and their payload bytes
         self._ack_bytes = 0
+        self._unsent_acks: dict[tuple[str, str], list[int]] = {}  # (device, boot) -> committed seqs; _batch_lock
+        self._acks_since = 0.0
         self._rejected: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
 
@@ -151,6 +156,7 @@ class Ingest:
         with self._batch_lock:  # after a commit in progress
             if self._pending:
                 self._commit(self._admit(self._take()))
+            self._send_acks()
         if self._sweeper is not None:
             self._sweeper.join()
         self._client.disconnect()  # queued behind the last acks, which therefore reach the broker first
@@ -316,11 +322,14 @@ class Ingest:
     # -- sweeper thread ---------------------------------------------------------------------------------------
 
     def _sweep_loop(self) -> None:
-        """Commit a batch left open: its last message was followed by a packet that was not a message."""
+        """Commit a batch left open (its last message was followed by a packet that was not a message), and send the
+        acknowledgements gathered for devices once they are ``_ACK_DELAY_S`` old."""
         while not self._closing.wait(_SWEEP_S):
             with self._batch_lock:
                 if self._pending and time.monotonic() - self._pending_since >= _SWEEP_S:
                     self._commit(self._admit(self._take()))
+                if self._unsent_acks and time.monotonic() - self._acks_since >= _ACK_DELAY_S:
+                    self._send_acks()
 
     def _commit(self, batch: list[Item]) -> None:
         """Store a batch, then ack it; never give up on a message while the store itself fails.
@@ -345,22 +354,35 @@ class Ingest:
                 return  # nothing acked: the broker keeps the batch for the next session
             delay = min(delay * 2, _RETRY_MAX_S)
 
-    def _confirm(self, *stored: list[dict[str, Any]]) -> tuple[int, int]:
-        """Tell each device which of its windows and events this committed batch holds (a duplicate is stored too,
-        or the device would send it forever): one acknowledgement per device and boot, QoS 1, on the device's
-        ``ack`` topic. Only then does the device delete them from its outbox. Returns (messages, payload bytes)."""
-        seqs: dict[tuple[str, str], list[int]] = {}  # (device, boot) -> seqs; one boot per device, but at a restart
+    def _confirm(self, *stored: list[dict[str, Any]]) -> None:
+        """Note for each device which of its windows and events a committed batch holds (a duplicate is stored too,
+        or the device would send it forever); :meth:`_send_acks` tells the devices. Under ``_batch_lock``."""
+        unsent = self._unsent_acks
+        if not unsent:
+            self._acks_since = time.monotonic()
         for messages in stored:
             for message in messages:
-                seqs.setdefault((message["device_id"], message["boot_id"]), []).append(message["seq"])
+                key = (message["device_id"], message["boot_id"])
+                seqs = unsent.get(key)
+                if seqs is None:
+                    unsent[key] = [message["seq"]]
+                else:
+                    seqs.append(message["seq"])
+
+    def _send_acks(self) -> None:
+        """Publish what :meth:`_confirm` noted: one acknowledgement per device and boot, QoS 1, on the device's
+        ``ack`` topic; only then does the device delete those messages from its outbox. Under ``_batch_lock``."""
+        unsent, self._unsent_acks = self._unsent_acks, {}
         sent = size = 0
         publish, prefix = self._client.publish, self.prefix
-        for (device_id, boot_id), device_seqs in seqs.items():
+        for (device_id, boot_id), seqs in unsent.items():
             topic = f"{prefix}/{device_id}/{protocol.Kind.ACK.value}"  # the id was checked when the message was decoded
-            for payload in protocol.encode_ack(device_id, boot_id, device_seqs):
+            for payload in protocol.encode_ack(device_id, boot_id, seqs):
                 publish(topic, payload, qos=1)
                 sent, size = sent + 1, size + len(payload)
-        return sent, size
+        with self._stats_lock:
+            self._acks_sent += sent
+            self._ack_bytes += size
 
     def _store_and_ack(self, batch: list[Item]) -> Exception | None:
         """Write one batch in one transaction and ack its messages; the store's exception if it refused."""
@@ -372,10 +394,8 @@ class Ingest:
             return exc
         for item in batch:
             self._client.ack(item.mid, item.qos)
-        acks, ack_bytes = self._confirm(telemetry, events)
+        self._confirm(telemetry, events)
         with self._stats_lock:
-            self._acks_sent += acks
-            self._ack_bytes += ack_bytes
             self._batches += 1
             self._stored += stored
             self._duplicates += len(telemetry) + len(events) - stored
