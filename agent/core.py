@@ -391,6 +391,14 @@ class AgentCore:
             },
             "windows_produced": self.windows_produced,
             "outbox": self.outbox.stats(),
+            # The fleet's acknowledgements: rows it confirmed (by kind), rows the broker took that wait for it, rows
+            # sent again for want of one, and acknowledgements refused (by reason).
+            "delivery": {
+                "acked": {kind.value: n for kind, n in self.link.acked.items()},
+                "unconfirmed": self.link.unconfirmed,
+                "resent": self.link.resent,
+                "ack_rejects": dict(self.link.ack_rejects),
+            },
         }
 
     def write_status(self, running: bool = True) -> None:
