@@ -100,7 +100,7 @@ def set_up(settings: SimSettings) -> Simulation:
 
 
 def exit_status(report: dict[str, Any], broker: str) -> int:
-    """0 when the broker acknowledged every window, 1 when not, 3 when no device reached it (said on stderr)."""
+    """0 when the fleet acknowledged every window, 1 when not, 3 when no device reached the broker (said on stderr)."""
     never = sum(1 for d in report["devices"] if d["connects"] == 0)
     if never == len(report["devices"]):
         click.echo(
@@ -165,10 +165,12 @@ def run(
     as_json: bool,
     log_level: str,
 ) -> None:
-    """Run N simulated devices for a while, then report what each produced and the broker acknowledged.
+    """Run N simulated devices for a while, then report what each produced and the fleet acknowledged.
 
-    Exit status: 0 when the broker acknowledged every window, 1 when it did not (or the run could not start), 2 on
-    a usage error, 3 when no device could reach the broker. Ctrl-C or SIGTERM ends the run early, with its report.
+    A window counts as acknowledged once the fleet's ingest stored it (its ack, not the broker's), so run a fleet
+    (`fleet serve`) on the broker. Exit status: 0 when the fleet acknowledged every window, 1 when it did not (or the
+    run could not start), 2 on a usage error, 3 when no device could reach the broker. Ctrl-C or SIGTERM ends the
+    run early, with its report.
     """
     from firmware_sim.simulator import SimSettings
 
