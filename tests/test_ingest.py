@@ -492,6 +492,8 @@ def test_a_forged_window_then_the_real_one_through_the_ingest_the_real_one_is_a_
         wait_for(lambda: ingest.stats()["received"] == 4, "the copy")
         assert store.summary().rejects == {"conflict": 1}
         assert store.window_counts() == {"pi-f": 2}
+        stats = ingest.stats()
+        assert (stats["rejected"], stats["duplicates"]) == ({"conflict": 1}, 1)  # the ingest's own counters agree
     finally:
         ingest.stop()
     # Acked like any message: the session holds nothing for the next start to receive again.

@@ -387,8 +387,9 @@ class Ingest:
     def _store_and_ack(self, batch: list[Item]) -> Exception | None:
         """Write one batch in one transaction and ack its messages; the store's exception if it refused."""
         status, telemetry, events, rejects, payloads = split(batch)
+        conflicts: list[Reject] = []
         try:
-            stored = self.store.write_batch(status, telemetry, events, rejects, payloads=payloads)
+            stored = self.store.write_batch(status, telemetry, events, rejects, payloads=payloads, conflicts=conflicts)
         except Exception as exc:  # nothing is acked yet, so the broker still holds every message of the batch
             event(log, "ingest_write_failed", logging.ERROR, error=repr(exc), batch=len(batch))
             return exc
@@ -398,5 +399,6 @@ class Ingest:
         with self._stats_lock:
             self._batches += 1
             self._stored += stored
-            self._duplicates += len(telemetry) + len(events) - stored
+            self._duplicates += len(telemetry) + len(events) - stored - len(conflicts)
+            self._rejected.update(c.reason for c in conflicts)
         return None

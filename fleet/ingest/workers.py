@@ -65,7 +65,7 @@ _RESTART_MAX_S = 30.0
 _COLLECT_S = 30.0
 _CHECKPOINT_S = 1.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_SUMMED = ("received", "stored", "duplicates", "queue_depth", "batches", "probes")
+_SUMMED = ("received", "stored", "duplicates", "queue_depth", "batches", "probes", "acks_sent", "ack_bytes")
 #: How long :meth:`TelemetryWorkers.probe` waits for a worker to report the probe.
 PROBE_TIMEOUT_S = 3.0
 
