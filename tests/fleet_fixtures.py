@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from securesystemslib.signer import Signer
 from agent.broker_address import BrokerAddress
 from agent.protocol import DEFAULT_PREFIX, Kind, topic
 from fleet import views
+from fleet.broker import free_port, wait_for_port
 from fleet.store import Store
 from fleet.trust.director import sign_desired
 from fleet.trust.releases import ReleaseInfo
@@ -192,3 +194,46 @@ def tiny_tmpfs(path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+class NatsBroker:
+    """A nats-server of the test's own speaking MQTT 3.1.1 (which needs JetStream and a server name): a second broker,
+    one that grants ``$share/...`` subscriptions and never delivers on them. Restarts keep its ports and store."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not Path(NATS_SERVER).exists():
+            pytest.skip("nats-server is not installed (apt-get install nats-server): the second broker is untested")
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = workdir / "nats.conf"
+        self.conf.write_text(
+            f"server_name: edgefleet_test\nlisten: 127.0.0.1:{free_port()}\n"
+            f'jetstream {{ store_dir: "{workdir / "jetstream"}" }}\nmqtt {{ listen: 127.0.0.1:{self.port} }}\n'
+        )
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with (self.workdir / "nats.log").open("a") as log:
+            self._proc = subprocess.Popen([NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=log)
+        wait_for_port("127.0.0.1", self.port, timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to any client."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(20)
+            self._proc = None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(20)
+            self._proc = None

@@ -21,7 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_fixtures import wait_for
+from fleet_fixtures import NatsBroker, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
@@ -402,3 +402,42 @@ def test_every_window_and_event_is_stored_exactly_once_when_the_broker_goes_away
             pool.stop()
         store.close()
         volatile_broker.kill()
+
+
+def test_on_a_second_broker_nats_every_window_and_event_is_stored_exactly_once_when_it_is_killed(
+    tmp_path: Path, example_model: Callable[[str], Path]
+) -> None:
+    """NATS server's MQTT (JetStream sessions, no working $share), killed with SIGKILL once, restarted on its port."""
+    nats = NatsBroker(tmp_path / "nats")
+    nats.start()
+    db = tmp_path / "fleet.db"
+    store = open_store(db)
+    ingest = Ingest(store, nats.url, client_id=f"ingest-{uuid.uuid4().hex[:8]}")
+    ingest.start()
+    assert ingest.wait_ready(20)
+    settings = SimSettings(devices=6, broker=nats.url, state_root=tmp_path / "devices",
+                           model_dir=example_model("good"), duration_s=14, seed=71, window_s=0.5, rate_hz=5,
+                           reconnect_max_s=2)  # fmt: skip
+
+    def kill_the_broker() -> None:
+        time.sleep(5)
+        nats.kill()
+        time.sleep(1.5)
+        nats.start()
+
+    breaker = threading.Thread(target=kill_the_broker)
+    breaker.start()
+    try:
+        report = Simulation(settings).run()
+        breaker.join()
+        produced = {d["device_id"]: d["windows_produced"] for d in report["devices"]}
+        assert all(n >= 15 for n in produced.values()), produced
+        wait_for(lambda: store.window_counts() == produced, 30, "every window stored")
+        wait_for(lambda: stored_events(db) == {d: 2 for d in produced}, 30, "every event stored")
+        assert duplicated_windows(db) == 0
+        assert all(d["windows_acked"] == d["windows_produced"] for d in report["devices"]), "acked by the fleet"
+    finally:
+        breaker.join()
+        ingest.stop()
+        store.close()
+        nats.kill()

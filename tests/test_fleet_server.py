@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,12 +18,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
+from fleet_fixtures import NatsBroker
 from test_ingest import birth, wait_for, window
 
 from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from agent.protocol import Kind
-from fleet.broker import free_port, wait_for_port
+from fleet.broker import free_port
 from fleet.cli import main as fleet_main
 from fleet.errors import FleetError
 from fleet.server import AlreadyRunning, FleetServer, ServerSettings, SettingsError, StartFailed
@@ -271,29 +271,15 @@ def test_given_ports_override_the_remembered_ones_and_are_remembered_in_turn(tmp
 # --------------------------------------------------------------------------------------------------------------
 # A broker without shared subscriptions: NATS server's MQTT grants $share/... and never delivers on it
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
 @pytest.fixture
 def nats_broker(tmp_path: Path) -> Iterator[str]:
-    """A nats-server of the test's own with MQTT (which needs JetStream and a server name); yields its mqtt:// URL."""
-    if not Path(NATS_SERVER).exists():
-        pytest.skip("nats-server is not installed (apt-get install nats-server): the no-$share fallback is untested")
-    mqtt_port = free_port()
-    conf = tmp_path / "nats.conf"
-    conf.write_text(
-        f"server_name: edgefleet_test\nlisten: 127.0.0.1:{free_port()}\n"
-        f'jetstream {{ store_dir: "{tmp_path / "jetstream"}" }}\nmqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n'
-    )
-    log = (tmp_path / "nats.log").open("w")
-    proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)], stdout=log, stderr=log)
+    """A nats-server of the test's own with MQTT; yields its mqtt:// URL."""
+    nats = NatsBroker(tmp_path / "nats")
+    nats.start()
     try:
-        wait_for_port("127.0.0.1", mqtt_port, timeout=30)
-        yield f"mqtt://127.0.0.1:{mqtt_port}"
+        yield nats.url
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+        nats.stop()
 
 
 def test_on_a_broker_that_never_delivers_on_shared_subscriptions_the_workers_go_off_and_windows_still_arrive(
