@@ -142,6 +142,7 @@ class Device:
         self.device_id = f"dev-{uuid.uuid4().hex[:8]}"
         self.boot_id = new_boot_id()
         self.prefix = prefix
+        self.emitted_ts = 0.0  # the ts of the events :meth:`emit` made last
         self.reactor = Reactor()
         self.outbox = Outbox(tmp_path / f"{self.device_id}.sqlite")
         birth = {"v": 1, "device_id": self.device_id, "state": "online", "boot_id": self.boot_id}
@@ -150,7 +151,8 @@ class Device:
 
     def emit(self, n: int) -> list[int]:
         topic = protocol.topic(self.prefix, self.device_id, Kind.EVENTS)
-        message = {"v": 1, "device_id": self.device_id, "boot_id": self.boot_id, "ts": time.time(), "type": "x",
+        self.emitted_ts = time.time()
+        message = {"v": 1, "device_id": self.device_id, "boot_id": self.boot_id, "ts": self.emitted_ts, "type": "x",
                    "detail": {}}  # fmt: skip
         return [self.outbox.append(Kind.EVENTS, topic, dict(message)) for _ in range(n)]
 
@@ -265,8 +267,8 @@ def test_the_ingest_acknowledges_stored_messages_and_duplicates_to_each_device(
                  "the acks seen on the wire")  # fmt: skip
         assert len(acks) == ingest.stats()["acks_sent"] <= ingest.stats()["batches"], "at most one per device and batch"
         # A copy of a stored message (a resend) is a duplicate: acknowledged too, or the device would resend forever.
-        copy = {"v": 1, "device_id": device.device_id, "boot_id": device.boot_id, "seq": seqs[0], "ts": 1.0,
-                "type": "x", "detail": {}}  # fmt: skip
+        copy = {"v": 1, "device_id": device.device_id, "boot_id": device.boot_id, "seq": seqs[0],
+                "ts": device.emitted_ts, "type": "x", "detail": {}}  # fmt: skip
         before = len(acks)
         tap.client.publish(protocol.topic(prefix, device.device_id, Kind.EVENTS), json.dumps(copy), qos=1)
         wait_for(lambda: len(acks) > before, 10, "the duplicate's acknowledgement")
