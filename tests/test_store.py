@@ -189,7 +189,7 @@ def test_seqs_continue_across_boots_so_a_gap_can_straddle_a_reboot_and_names_the
 
 
 def test_a_device_shows_its_latest_gaps_and_counts_them_all(store: Store) -> None:
-    from fleet.store.sqlite import LAST_GAPS
+    from fleet.store.sqlite_reads import LAST_GAPS
 
     store.write_batch(windows=[window("pi-1", s) for s in range(0, 2 * (LAST_GAPS + 5), 2)])  # every odd seq lost
     detail = store.device("pi-1")
