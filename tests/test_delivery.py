@@ -34,7 +34,7 @@ from firmware_sim.simulator import SimSettings, Simulation
 from fleet.broker import MosquittoBroker
 from fleet.ingest.mqtt import Ingest
 from fleet.ingest.workers import TelemetryWorkers, WorkerSpec
-from fleet.store import open_store
+from fleet.store import Store, open_store
 
 
 class VolatileBroker(MosquittoBroker):
@@ -297,6 +297,22 @@ def duplicated_windows(db: Path) -> int:
         ).fetchone()[0]
 
 
+def assert_each_stored_once(report: dict[str, Any], store: Store, db: Path, at_least: int) -> None:
+    """What every device produced is stored exactly once and acknowledged by the fleet: windows (counted per device,
+    inferences in total), both lifecycle events, no duplicate key, nothing dropped or left queued on a device."""
+    produced = {d["device_id"]: d["windows_produced"] for d in report["devices"]}
+    assert all(n >= at_least for n in produced.values()), produced
+    wait_for(lambda: store.window_counts() == produced, 30, "every window stored")
+    # agent_started and agent_stopped of every device: events are never lost either.
+    wait_for(lambda: stored_events(db) == {d: 2 for d in produced}, 30, "every event stored")
+    assert store.window_counts() == produced
+    assert duplicated_windows(db) == 0
+    assert all(d["windows_acked"] == d["windows_produced"] for d in report["devices"]), "acked by the fleet"
+    assert all(d["windows_dropped"] == 0 and d["queued"] == 0 for d in report["devices"])
+    stored_inferences = sum(w["count"] for d in produced for w in store.telemetry(d).windows)
+    assert stored_inferences == report["totals"]["inferences"]
+
+
 @pytest.mark.parametrize(
     ("workers", "seed", "kills", "persistence", "fault", "ingest_late"),
     [
@@ -383,22 +399,12 @@ def test_every_window_and_event_is_stored_exactly_once_when_the_broker_goes_away
         report = Simulation(settings).run()
         breaker.join()
         assert len(killed) == kills
-        produced = {d["device_id"]: d["windows_produced"] for d in report["devices"]}
-        assert all(n >= 20 for n in produced.values()), produced
-        wait_for(lambda: store.window_counts() == produced, 30, "every window stored")
-        # agent_started and agent_stopped of every device: events are never lost either.
-        wait_for(lambda: stored_events(db) == {d: 2 for d in produced}, 30, "every event stored")
-        assert store.window_counts() == produced
-        assert duplicated_windows(db) == 0
-        assert all(d["windows_acked"] == d["windows_produced"] for d in report["devices"]), "acked by the fleet"
-        assert all(d["windows_dropped"] == 0 and d["queued"] == 0 for d in report["devices"])
-        stored_inferences = sum(w["count"] for d in produced for w in store.telemetry(d).windows)
-        assert stored_inferences == report["totals"]["inferences"]
+        assert_each_stored_once(report, store, db, at_least=20)
         if not workers:
             stats = ingest.stats()
-            windows = sum(produced.values())
+            windows = sum(d["windows_produced"] for d in report["devices"])
             print(f"\nack traffic: {stats['acks_sent']} acks, {stats['ack_bytes']} payload bytes for {windows} windows"
-                  f" and {2 * len(produced)} events; {stats['duplicates']} duplicates absorbed")  # fmt: skip
+                  f" and {2 * len(report['devices'])} events; {stats['duplicates']} duplicates absorbed")  # fmt: skip
     finally:
         stop_supervising.set()
         supervisor.join()
@@ -435,12 +441,7 @@ def test_on_a_second_broker_nats_every_window_and_event_is_stored_exactly_once_w
     try:
         report = Simulation(settings).run()
         breaker.join()
-        produced = {d["device_id"]: d["windows_produced"] for d in report["devices"]}
-        assert all(n >= 15 for n in produced.values()), produced
-        wait_for(lambda: store.window_counts() == produced, 30, "every window stored")
-        wait_for(lambda: stored_events(db) == {d: 2 for d in produced}, 30, "every event stored")
-        assert duplicated_windows(db) == 0
-        assert all(d["windows_acked"] == d["windows_produced"] for d in report["devices"]), "acked by the fleet"
+        assert_each_stored_once(report, store, db, at_least=15)
     finally:
         breaker.join()
         ingest.stop()

@@ -102,7 +102,9 @@ def check(
             "check the device ids (`fleet devices list`), enroll them first (`fleet enroll`), or pass "
             "--allow-unknown to pre-provision. Nothing was published",
         )
-    problems = [p for d in device_ids if (detail := store.device(d)) for p in incompatible(detail.device, release)]
+    # One read of the registry for the whole list: `device()` would also work out each device's events and gaps.
+    registered = {d.device_id: d for d in store.devices()}
+    problems = [p for d in device_ids if (device := registered.get(d)) for p in incompatible(device, release)]
     if problems:
         raise FleetError("incompatible", "; ".join(problems), "assign a release built for them. Nothing was published")
     try:
