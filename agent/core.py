@@ -325,8 +325,9 @@ class AgentCore:
         self.windows_produced += 1
         self.link.pump()
 
-    def emit(self, type_: str, model: str | None = None, **detail: Any) -> int:
-        """Record an event in the outbox (never dropped) and log it; safe from any thread."""
+    def emit(self, type_: str, model: str | None = None, **detail: Any) -> int | None:
+        """Record an event in the outbox (never dropped: on a full disk it is held in memory until there is room, and
+        its seq is None) and log it; safe from any thread."""
         message: dict[str, Any] = {
             "v": protocol.SCHEMA_VERSION,
             "device_id": self.device_id,

@@ -5,11 +5,22 @@ Readers (and a process restarted after SIGKILL or power loss) see the old file o
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 
 PUBLIC_FILE_MODE = 0o644
+#: The errnos of a write refused for want of space (a full disk, a quota, a file size limit).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused for want of space: a full disk for a file or for SQLite (SQLITE_FULL)."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL
 
 
 def fsync_path(path: Path) -> None:

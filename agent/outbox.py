@@ -26,7 +26,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,7 +96,13 @@ class OutboxError(Exception):
 
 
 class OutboxFull(OutboxError):
-    """An event could not be stored because the disk (or the database's size limit) is full."""
+    """An event could not be stored because the disk (or the database's size limit) is full, and the events held in
+    memory until it has room (:data:`MAX_HELD_EVENTS`) are already as many as are kept."""
+
+
+#: Events a full disk refused, kept in memory (in order) and stored before anything newer once there is room: a full
+#: disk must not silence the device's reports of why it is stuck. Past this many, ``append`` raises OutboxFull.
+MAX_HELD_EVENTS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,7 @@ class Outbox:
         self._lock = threading.Lock()
         # Drops that could not even be counted in the database (disk full); folded into the next transaction.
         self._uncounted_drops = 0
+        self._held: deque[tuple[str, dict[str, Any]]] = deque()
         self._over_bounds = False
         self._db = self._open(path)
         event(log, "outbox_opened", path=str(path), **self._stats())
@@ -167,22 +174,25 @@ class Outbox:
                 self._db.execute("ROLLBACK")
             raise
 
-    def append(self, kind: Kind, topic: str, message: dict[str, Any]) -> int:
+    def append(self, kind: Kind, topic: str, message: dict[str, Any]) -> int | None:
         """Store one message; sets ``message["seq"]`` (and ``message["dropped"]`` for telemetry). Returns seq.
 
-        A telemetry window that does not fit on a full disk is dropped and counted, not raised; an event that
-        does not fit raises :class:`OutboxFull`.
+        A telemetry window that does not fit on a full disk is dropped and counted, not raised. An event that does
+        not fit is held in memory and stored, in order, before the next message that fits (or at :meth:`store_held`);
+        it returns None, as it has no seq yet. Past :data:`MAX_HELD_EVENTS` held events it raises :class:`OutboxFull`.
         """
         if kind not in _KINDS:
             raise ValueError(f"the outbox holds telemetry and events, not {kind.value}")
         with self._lock:
             try:
+                self._store_held()
                 evicted, carried, over = self._append(kind, topic, message)
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
                     raise
                 if kind is Kind.EVENTS:
-                    raise OutboxFull(f"outbox {self.path}: disk full, event {message.get('type')} not stored") from exc
+                    self._hold(topic, message)
+                    return None
                 self._count_lost_window()
                 return int(message["seq"])
             self._uncounted_drops = 0
@@ -195,6 +205,35 @@ class Outbox:
                 name = "outbox_over_bounds" if over else "outbox_within_bounds"
                 event(log, name, logging.WARNING if over else logging.INFO, **stats)
         return seq
+
+    def store_held(self) -> int:
+        """Store the events a full disk made us hold, if there is room now; return how many are still held."""
+        with self._lock:
+            try:
+                self._store_held()
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+            return len(self._held)
+
+    def _hold(self, topic: str, message: dict[str, Any]) -> None:
+        if len(self._held) >= MAX_HELD_EVENTS:
+            raise OutboxFull(
+                f"outbox {self.path}: disk full and {MAX_HELD_EVENTS} events already held in memory, "
+                f"event {message.get('type')} not stored: free space on {self.path.parent}"
+            )
+        self._held.append((topic, message))
+        event(log, "outbox_event_held", logging.WARNING, reason="disk_full", type=message.get("type"),
+              held=len(self._held), path=str(self.path))  # fmt: skip
+
+    def _store_held(self) -> None:
+        """Store held events oldest first; the first that does not fit raises SQLITE_FULL and stays held."""
+        while self._held:
+            topic, message = self._held[0]
+            self._append(Kind.EVENTS, topic, message)
+            self._held.popleft()
+            if not self._held:
+                event(log, "outbox_held_events_stored", path=str(self.path))
 
     def _append(self, kind: Kind, topic: str, message: dict[str, Any]) -> tuple[int, int, bool]:
         with self._transaction() as db:
@@ -307,6 +346,7 @@ class Outbox:
             "dropped_total": total + self._uncounted_drops,
             "dropped_unreported": owed + self._uncounted_drops,
             "next_seq": next_seq,
+            "held_events": len(self._held),
         }
 
     def close(self) -> None:

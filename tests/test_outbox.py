@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent import protocol
-from agent.outbox import Entry, Outbox, OutboxError, OutboxFull
+from agent.outbox import MAX_HELD_EVENTS, Entry, Outbox, OutboxError, OutboxFull
 from agent.protocol import Kind
 
 TELEMETRY_TOPIC = "edgefleet/v1/dev-1/telemetry"
@@ -60,7 +60,7 @@ def append_telemetry(box: Outbox, message: dict[str, Any] | None = None) -> int:
     return box.append(Kind.TELEMETRY, TELEMETRY_TOPIC, message or telemetry())
 
 
-def append_event(box: Outbox, detail: dict[str, Any] | None = None) -> int:
+def append_event(box: Outbox, detail: dict[str, Any] | None = None) -> int | None:
     return box.append(Kind.EVENTS, EVENTS_TOPIC, event_message(detail or {}))
 
 
@@ -205,7 +205,7 @@ def test_events_are_never_dropped_even_when_they_overflow_the_bounds(
     assert [r.getMessage() for r in caplog.records].count("outbox_over_bounds") == 1
 
 
-def test_full_disk_drops_and_counts_telemetry_but_refuses_events(
+def test_full_disk_drops_and_counts_telemetry_and_holds_events_until_there_is_room(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="agent.outbox")
@@ -218,16 +218,38 @@ def test_full_disk_drops_and_counts_telemetry_but_refuses_events(
         lost = box.stats()["dropped_total"]
         assert lost >= 3
         assert len(set(seqs)) == 5
-        with pytest.raises(OutboxFull, match="disk full"):
-            append_event(box, {"log": rng.bytes(4000).hex()})
+        logs = [{"log": rng.bytes(4000).hex(), "n": n} for n in range(3)]
+        assert [append_event(box, detail) for detail in logs] == [None, None, None]
+        assert box.stats()["held_events"] == 3
+        assert box.store_held() == 3  # still no room: still held, in order
 
         box._db.execute("PRAGMA max_page_count = 1000000")
         seq = append_telemetry(box)
+        assert box.stats()["held_events"] == 0
+        stored = box.pending(100)
+        assert [decoded(e)["detail"]["n"] for e in stored if e.kind is Kind.EVENTS] == [0, 1, 2]
+        assert [e.seq for e in stored][-1] == seq  # the held events went in first, older seqs than the window
         assert seq > max(seqs)
-        assert decoded(box.pending(10)[-1])["dropped"] == lost
+        assert decoded(stored[-1])["dropped"] == lost
         assert box.stats()["dropped_unreported"] == 0
     disk_full = [r for r in caplog.records if getattr(r, "edgefleet_fields", {}).get("reason") == "disk_full"]
-    assert len(disk_full) == lost
+    assert len(disk_full) == lost + 3
+
+
+def test_a_full_disk_holds_at_most_a_bounded_number_of_events_in_memory(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db") as box:
+        pages = box._db.execute("PRAGMA page_count").fetchone()[0]
+        box._db.execute(f"PRAGMA max_page_count = {pages}")
+        filler = np.random.default_rng(7).bytes(8000).hex()
+        while append_event(box, {"log": filler}) is not None:
+            pass
+        for _ in range(MAX_HELD_EVENTS - 1):
+            append_event(box)
+        with pytest.raises(OutboxFull, match="free space"):
+            append_event(box)
+        box._db.execute("PRAGMA max_page_count = 1000000")
+        assert box.store_held() == 0
+        assert box.stats()["event_rows"] >= MAX_HELD_EVENTS
 
 
 def test_concurrent_appends_from_threads_get_unique_consecutive_seqs(tmp_path: Path) -> None:

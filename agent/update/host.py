@@ -25,8 +25,8 @@ class InstallHost(Protocol):
         """The device's wall clock (seconds since the epoch): desired-state expiry and event timestamps."""
         ...
 
-    def emit(self, type_: str, model: str | None = None, **detail: Any) -> int:
-        """Record an event for the fleet (never dropped); returns its outbox seq."""
+    def emit(self, type_: str, model: str | None = None, **detail: Any) -> int | None:
+        """Record an event for the fleet (never dropped); returns its outbox seq, None while a full disk holds it."""
         ...
 
     def activate(self, cfg: ModelConfig) -> object:
