@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = Path(os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml"))
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_MODEL = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_MODEL, EXIT_BUSY = 0, 1, 2, 3, 4, 5
 #: What each exit code means; stable, so systemd (RestartPreventExitStatus=) and scripts can act on them.
 EXIT_CODES = {
     EXIT_OK: "done",
@@ -43,7 +44,10 @@ EXIT_CODES = {
     EXIT_USAGE: "bad arguments, or agent.toml (or a file or folder it names) cannot be used",
     EXIT_NOT_RUNNING: "no agent is running with this agent.toml (status)",
     EXIT_MODEL: "a model agent.toml names cannot be served (missing, damaged, or its card does not fit)",
+    EXIT_BUSY: "another edge-agent is running on the same state_dir (run)",
 }
+#: The lock file in the state folder: one `edge-agent run` per folder holds it (flock) with its pid written in it.
+STATE_LOCK = "agent.lock"
 log = logging.getLogger("agent")
 
 
@@ -63,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     agent_logs.setup(args.log_level or config.log_level)
+    _lock_state_dir(config.state_dir, args.config)  # before anything else touches the folder; held until exit
     reactor = Reactor()
     core = _core(config, reactor, args.config)
     server = None
@@ -95,6 +100,32 @@ def _run(args: argparse.Namespace) -> int:
         reactor.close()
     agent_logs.event(log, "agent_exit", device_id=config.device_id)
     return EXIT_OK
+
+
+def _lock_state_dir(state_dir: Path, path: Path) -> None:
+    """Make this process the only agent on ``state_dir``: an exclusive, non-blocking flock on its lock file, which
+    stays open (close-on-exec) until the process ends. The kernel drops the lock with the process, SIGKILL included,
+    so a lock file left behind never blocks a start; a second agent would knock the first off the broker (same client
+    id) and write the same outbox and slots."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        fix = f"state_dir in {path} must name a folder this user can write"
+        raise CommandError("state_dir_unusable", f"cannot use {exc.filename or state_dir} ({exc.strerror})", fix,
+                           EXIT_USAGE) from None  # fmt: skip
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+        detail = f"another edge-agent ({pid}) is running on state folder {state_dir}"
+        fix = f"stop it, or set another state_dir in {path}"
+        agent_logs.event(log, "agent_start_failed", logging.ERROR, reason="state_dir_busy", detail=detail)
+        raise CommandError("state_dir_busy", detail, fix, EXIT_BUSY) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def _core(config: AgentConfig, reactor: Reactor, path: Path) -> AgentCore:
@@ -159,6 +190,10 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"  install  {install['state']}  {install.get('release') or ''}{why}")
                 if outcome := install.get("last_outcome"):
                     print(f"  last     {outcome.get('outcome')}  {outcome.get('release') or ''}")
+                if retry := install.get("next_retry"):
+                    wait = max(0.0, float(retry["at"]) - time.time())
+                    print(f"  retry    {retry['release']} in {wait:.0f} s (attempt {retry['attempt']}, "
+                          f"after {retry['after']})")  # fmt: skip
         if "outbox" in status:
             o = status["outbox"]
             print(f"outbox   {o.get('rows')} queued, {o.get('dropped_total')} dropped in all")

@@ -38,6 +38,11 @@ Example::
     probation_s = 30                    # ... or healthy seconds, whichever comes first
     max_error_rate = 0.05               # failed share of inferences in probation that rolls a release back
     crash_loop_limit = 3                # agent restarts during an install that roll it back, network or not
+    commit_watch_s = 3600               # after a commit, unclean restarts (crashes) still count towards
+                                        # crash_loop_limit for this long, and roll the release back (the card's
+                                        # probation.watch_s overrides it; 0: not after commit)
+    retry_min_s = 30                    # first wait before an install that failed for a passing cause (full disk,
+    retry_max_s = 3600                  # network, expired metadata) is tried again; doubling up to this
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ class ModelConfig:
     card: Path | None = None
     release: str = ""
     threads: int | None = None
+    #: The runtime that runs it ("onnxruntime" or "tflite"): an installed release's, as its signed target says, so
+    #: the smoke test and the serving agent run the same one. None (agent.toml's models): chosen by content, then
+    #: extension (:func:`agent.runtime.load_model`).
+    runtime: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,9 @@ class UpdateConfig:
     probation_s: float = 30.0
     max_error_rate: float = 0.05
     crash_loop_limit: int = 3
+    commit_watch_s: float = 3600.0
+    retry_min_s: float = 30.0
+    retry_max_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -241,7 +253,8 @@ def parse(data: dict[str, Any], base: Path) -> AgentConfig:
 
 _UPDATE_KEYS = frozenset(
     {"repo_url", "trusted_root", "director_key", "max_download_mb", "download_deadline_s", "smoke_timeout_s",
-     "probation_inferences", "probation_s", "max_error_rate", "crash_loop_limit"}
+     "probation_inferences", "probation_s", "max_error_rate", "crash_loop_limit", "commit_watch_s", "retry_min_s",
+     "retry_max_s"}
 )  # fmt: skip
 
 
@@ -273,6 +286,7 @@ def _update(data: dict[str, Any], base: Path) -> UpdateConfig | None:
     director_key = _path(base, _get(table, "director_key", str, where))
     assert trusted_root is not None and director_key is not None
     defaults = UpdateConfig(repo_url, trusted_root, director_key)
+    retry_min_s = number("retry_min_s", defaults.retry_min_s, 0.1, 86400)
     return UpdateConfig(
         repo_url=repo_url,
         trusted_root=trusted_root,
@@ -284,6 +298,9 @@ def _update(data: dict[str, Any], base: Path) -> UpdateConfig | None:
         probation_s=number("probation_s", defaults.probation_s, 0.1, 7 * 86400),
         max_error_rate=number("max_error_rate", defaults.max_error_rate, 0, 1),
         crash_loop_limit=count("crash_loop_limit", defaults.crash_loop_limit, 1, 100),
+        commit_watch_s=number("commit_watch_s", defaults.commit_watch_s, 0, 30 * 86400),
+        retry_min_s=retry_min_s,
+        retry_max_s=number("retry_max_s", defaults.retry_max_s, retry_min_s, 7 * 86400),
     )
 
 

@@ -60,7 +60,7 @@ class CardError(runtime.UnsupportedModel, ValueError):
 
 
 def load_configured(cfg: ModelConfig) -> runtime.Model:
-    return runtime.load_model(cfg.path, threads=cfg.threads)
+    return runtime.load_model(cfg.path, threads=cfg.threads, runtime=cfg.runtime)
 
 
 def read_card(path: Path | None) -> dict[str, Any]:
@@ -190,7 +190,8 @@ class AgentCore:
     @property
     def drained(self) -> bool:
         """True when the fleet confirmed every stored message, or when the broker cannot be reached right now."""
-        return not self.link.connected or self.outbox.stats()["rows"] == 0
+        stats = self.outbox.stats()
+        return not self.link.connected or stats["rows"] + stats["held_events"] == 0
 
     def close(self, timeout: float = 5.0) -> None:
         if self.installer is not None:  # first: its worker still records events and loads models

@@ -182,12 +182,13 @@ class EventTap:
 
 
 @contextlib.contextmanager
-def tiny_tmpfs(path: Path) -> Iterator[Path]:
-    """A real full disk: a 64 KiB tmpfs mounted at ``path`` (root only; the test is skipped, saying why, otherwise)."""
+def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
+    """A real full disk: a small tmpfs (64 KiB unless ``size``) mounted at ``path`` (root only; the test is skipped,
+    saying why, otherwise)."""
     path.mkdir(parents=True)
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a 64 KiB tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
+        pytest.skip(f"mounting a {size} tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:200]}")
     try:
@@ -237,3 +238,16 @@ class NatsBroker:
             self._proc.terminate()
             self._proc.wait(20)
             self._proc = None
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill the filesystem of ``folder`` with one file until ``leave`` bytes at most are free; returns the file (delete
+    it to give the space back)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        while (free := shutil.disk_usage(folder).free) > leave:
+            try:
+                f.write(b"\0" * max(1, min(free - leave, 1 << 20)))
+            except OSError:
+                break
+    return filler

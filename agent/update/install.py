@@ -17,8 +17,14 @@ Desired state: :class:`~agent.update.intake.DesiredIntake` (reactor thread) hand
 worker thread, which reconciles each model against it, one install at a time. A newer accepted state supersedes the
 install under way at its next step (downloads and smoke tests finish or time out first).
 
-Events: ``desired_rejected`` (reason), ``desired_accepted``, ``install_state`` on every transition, and one outcome
-per install: ``install_committed``, ``install_failed`` or ``rolled_back`` (with reason and detail).
+Retries: an install that failed for a passing cause (a full disk, the network, metadata expired by a wrong clock: see
+:mod:`agent.update.retry`) is tried again with back-off, for as long as the desired state asks for it; status shows
+when (``next_retry``). A full disk that cannot even persist the revert leaves the install in its last persisted state,
+which the retry resumes.
+
+Events: ``desired_rejected`` (reason), ``desired_deferred``, ``desired_accepted``, ``install_state`` on every
+transition, one outcome per install: ``install_committed``, ``install_failed`` or ``rolled_back`` (with reason and
+detail), and ``install_retry_scheduled`` (reason, attempt, in_s) after a failure that will be tried again.
 
 Test hook: ``EDGEFLEET_FAULT_KILL_AT=<STATE>`` makes the agent SIGKILL itself right after it persisted (and
 evented) that state, to prove the restart table. Never set it in production.
@@ -26,11 +32,12 @@ evented) that state, to prove the restart table. Never set it in production.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
+import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,14 +51,16 @@ from tuf.api.serialization import DeserializationError
 from agent import runtime
 from agent.config import ConfigError, ModelConfig, UpdateConfig
 from agent.errors import EdgefleetError
+from agent.files import is_disk_full
 from agent.logs import event
 from agent.protocol import Kind
 from agent.targets import parse_target_path
 from agent.update.desired import DesiredModel, DesiredState, DesiredStateError, load_director_key
 from agent.update.host import InstallHost
 from agent.update.intake import DesiredIntake
-from agent.update.probation import ProbationLimits
+from agent.update.probation import ProbationLimits, commit_watch_s
 from agent.update.record import InstallRecord, install_status, release_name
+from agent.update.retry import Backoff, is_retryable
 from agent.update.slots import ModelSlots, SlotRecord, SlotStore, factory_record, file_problem, slot_problem
 from agent.update.smoke import run_smoke_test
 from agent.update.states import AT_REST, ON_RESTART, Event, IllegalTransition, Restart, State, next_state
@@ -63,7 +72,6 @@ log = logging.getLogger(__name__)
 FAULT_KILL_AT = "EDGEFLEET_FAULT_KILL_AT"
 #: How often probation looks at the new release's counters.
 PROBATION_POLL_S = 0.1
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _DETAIL_CHARS = 300
 
 T = TypeVar("T")
@@ -151,7 +159,14 @@ class Installer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._kill_at = os.environ.get(FAULT_KILL_AT)
-        self._intake = DesiredIntake(host, self._store, director_key, self._factory, self._hand_over)
+        self._backoff = Backoff(config.retry_min_s, config.retry_max_s)
+        self._rng = random.Random()
+        #: When (time.monotonic) each model's failed install is tried again, and the deferred desired state ("").
+        self._retry_due: dict[str, float] = {}
+        self._deferred_attempts = 0
+        self._intake = DesiredIntake(
+            host, self._store, director_key, self._factory, self._hand_over, self._intake_deferred
+        )
 
     # -- start-up (host constructor) ----------------------------------------------------------------------------
 
@@ -166,10 +181,12 @@ class Installer:
     def _restart(self, name: str) -> None:
         rec = self._records[name]
         action = ON_RESTART[rec.state]
-        if action is Restart.NOTHING:
-            self._save(name, rec)
+        if action in (Restart.NOTHING, Restart.WATCH_COMMIT):
+            self._save(name, replace(rec, clean_stop=False))  # this run's own stop is still to come
             if rec.outcome and not rec.outcome.get("reported"):
                 self._report(name)  # the last run stopped between persisting an outcome and eventing it
+            if action is Restart.WATCH_COMMIT:
+                self._watch_commit(name, unclean=not rec.clean_stop)
             return
         if action is Restart.COMPLETE_REVERT:
             self._finish_revert(name)
@@ -192,6 +209,41 @@ class Installer:
             else:
                 self._enter(name, Event.DONE, slots=ModelSlots(active=slots.staged, previous=slots.active))
 
+    def _watch_commit(self, name: str, *, unclean: bool) -> None:
+        """A start in COMMITTED: while the commit watch lasts, an unclean start (no clean stop recorded) counts in
+        ``restarts`` as during an install, and at ``crash_loop_limit`` the committed release is rolled back to
+        ``previous`` (``crash_loop_after_commit``) before anything is served: a release that crashes the runtime
+        only on some inputs passes its smoke test and probation, then takes the agent down at every such request.
+
+        The watch lasts :func:`~agent.update.probation.commit_watch_s` from the commit by the device clock, and at
+        most ``2 * crash_loop_limit`` starts, so a clock set back (or stuck) cannot make it last for ever; a start
+        that finds the clock outside the window ends it. Once over, it stays over until the next commit.
+        """
+        rec = self._records[name]
+        last = rec.outcome or {}
+        committed = last.get("outcome") == "install_committed" and not last.get("unchanged")
+        if committed and last["ts"] != rec.watched_commit:  # the first start since this commit: a new watch
+            rec = replace(rec, watched_commit=last["ts"], starts_since_commit=0, watch_over=False, restarts=0)
+        active = self._slots[name].active
+        if rec.watched_commit is None or rec.watch_over or active is None:
+            return
+        limit, elapsed = self._config.crash_loop_limit, self._host.clock() - rec.watched_commit
+        if not 0 <= elapsed < commit_watch_s(_signed_card(active), self._config):
+            self._save(name, replace(rec, watch_over=True, restarts=0))
+            return
+        rec = replace(rec, starts_since_commit=rec.starts_since_commit + 1, restarts=rec.restarts + unclean)
+        if unclean:
+            self._host.emit("unclean_restart", model=name, release=rec.release, restarts=rec.restarts, limit=limit,
+                            since_commit_s=round(elapsed, 3))  # fmt: skip
+        if rec.restarts >= limit:
+            self._records[name] = rec
+            detail = f"{rec.restarts} unclean agent restarts within {elapsed:.0f} s of its commit"
+            self._revert(name, "crash_loop_after_commit", detail, revert_active=True)
+        elif rec.starts_since_commit >= 2 * limit:
+            self._save(name, replace(rec, watch_over=True, restarts=0))
+        else:
+            self._save(name, rec)
+
     def _serve_active(self, name: str, load: Callable[[ModelConfig], T]) -> T:
         """Load the active slot if it verifies and loads; else revert to the next fallback, down to the factory."""
         while (record := self._slots[name].active) is not None:
@@ -209,6 +261,10 @@ class Installer:
     def start(self) -> None:
         """Start the worker; it first reconciles the last accepted desired state (resuming what a crash cut)."""
         self._todo = self._intake.accepted
+        with self._wake:  # a retry the last run scheduled waits one first step of the back-off after a start
+            for name, rec in self._records.items():
+                if rec.retry_in_s is not None:
+                    self._retry_due[name] = time.monotonic() + min(rec.retry_in_s, self._backoff.min_s)
         self._thread = threading.Thread(target=self._run, name=f"install-{self._host.device_id}", daemon=True)
         self._thread.start()
 
@@ -222,6 +278,11 @@ class Installer:
             if self._thread.is_alive():  # blocked in a download or a smoke test: it dies with the process
                 event(log, "install_worker_busy_at_exit", logging.WARNING, device_id=self._host.device_id)
                 return
+        for name in self._records:  # the worker is done: a committed release's watch must not count this stop
+            try:
+                self._stopped(name)
+            except (OSError, sqlite3.Error) as exc:  # a full disk, say: the next start counts this stop as a crash
+                event(log, "clean_stop_unrecorded", logging.WARNING, model=name, reason=str(exc))
         self._store.close()
 
     # -- desired state (reactor thread) -------------------------------------------------------------------------
@@ -235,25 +296,50 @@ class Installer:
             self._todo = desired
             self._wake.notify_all()
 
+    def _intake_deferred(self) -> None:
+        """A full disk kept a desired state from being persisted: try it again with back-off."""
+        with self._wake:
+            self._deferred_attempts += 1
+            delay = self._backoff.delay(self._deferred_attempts, self._rng.random())
+            self._retry_due[""] = time.monotonic() + delay
+            self._wake.notify_all()
+
     # -- the worker ---------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._todo is None and not self._stopping:
-                    self._wake.wait()
+                due = self._take_due()
+                while self._todo is None and not self._stopping and not due:
+                    self._wake.wait(min(self._retry_due.values(), default=time.monotonic() + 3600) - time.monotonic())
+                    due = self._take_due()
                 if self._stopping:
                     return
                 desired, self._todo = self._todo, None
+            if "" in due and not self._intake.retry_deferred():
+                self._deferred_attempts = 0
+            desired = desired or self._intake.accepted
+            if desired is None:
+                continue
             try:
-                self._reconcile(desired)
+                self._reconcile(desired, retry=due)
             except _Stopping:
                 return
             except Exception:  # a bug must not end updates for good: report it, wait for the next desired state
                 event(log, "install_worker_failed", logging.ERROR, device_id=self._host.device_id, exc_info=True)
 
-    def _reconcile(self, desired: DesiredState) -> None:
-        """Bring each model to what ``desired`` says, one at a time; return early when a newer state is waiting."""
+    def _take_due(self) -> frozenset[str]:
+        """The retries whose time has come (taken off the schedule); call with ``_wake`` held."""
+        now = time.monotonic()
+        due = frozenset(name for name, when in self._retry_due.items() if when <= now)
+        for name in due:
+            del self._retry_due[name]
+        return due
+
+    def _reconcile(self, desired: DesiredState, retry: frozenset[str] = frozenset()) -> None:
+        """Bring each model to what ``desired`` says, one at a time; return early when a newer state is waiting.
+
+        A model in ``retry`` tries its failed install again; the others act only on a new seq or target."""
         for name in sorted(self._factory):
             with self._wake:
                 if self._todo is not None:
@@ -268,14 +354,18 @@ class Installer:
                 wanted = release_name(entry) if entry else "no release"
                 self._fail(name, "superseded", f"desired state {desired.seq} wants {wanted}")
                 rec = self._records[name]
-            if entry is None or (rec.seq == desired.seq and rec.target == entry):
-                continue  # not asked for, or already acted on (whatever the outcome): only a new seq retries
+            again = rec.seq == desired.seq and rec.target == entry
+            if entry is None or (again and name not in retry):
+                continue  # not asked for, or already acted on (whatever the outcome): a new seq or a due retry
+            with self._wake:
+                self._retry_due.pop(name, None)
             if self._is_active(name, entry):
                 outcome = self._outcome("install_committed", entry, desired.seq, unchanged=True)
                 self._save(name, replace(rec, seq=desired.seq, target=entry, outcome=outcome))
                 self._report(name)
                 continue
-            self._records[name] = replace(rec, seq=desired.seq, target=entry, restarts=0)
+            self._records[name] = replace(rec, seq=desired.seq, target=entry, restarts=0,
+                                          retries=rec.retries if again else 0, retry_in_s=None)  # fmt: skip
             self._attempt(name, Event.START)
 
     def _is_active(self, name: str, entry: DesiredModel) -> bool:
@@ -283,24 +373,62 @@ class Installer:
         return active.sha256 == entry.sha256 and active.release == release_name(entry)
 
     def _attempt(self, name: str, begin: Event | None) -> None:
-        """Drive the install (see :meth:`_drive`); turn any failure into a revert with its reason."""
+        """Drive the install (see :meth:`_drive`); turn any failure into a revert with its reason, and a failure for a
+        passing cause into a retry."""
         try:
             self._drive(name, begin)
-        except (InstallError, TrustError, IllegalTransition) as exc:
-            self._fail(name, exc.reason, exc.detail)
-        except _Superseded as exc:
-            self._fail(name, "superseded", str(exc))
+            return
         except _Stopping:
             self._stopped(name)
             raise
-        except OSError as exc:
-            self._fail(name, "disk_full" if exc.errno in _DISK_FULL else "io_error", f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            if self._stopping:  # e.g. the outbox closed under an emit during shutdown
-                self._stopped(name)
-                raise _Stopping from exc
-            event(log, "install_internal_error", logging.ERROR, model=name, exc_info=True)
-            self._fail(name, "internal_error", f"{type(exc).__name__}: {exc}")
+            reason, detail, transient = self._failure(name, exc)
+        try:
+            self._fail(name, reason, detail)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_disk_full(exc):
+                raise
+            # Not even the revert can be persisted: the record stays in its last persisted state, which the retry
+            # resumes (the active model was not touched, or is the one that serves).
+            event(log, "install_stalled", logging.WARNING, model=name, reason="disk_full", detail=str(exc)[:200])
+            self._schedule_retry(name, "disk_full")
+            return
+        if is_retryable(reason, transient):
+            self._schedule_retry(name, reason)
+
+    def _failure(self, name: str, exc: Exception) -> tuple[str, str, bool]:
+        """(reason, detail, transient) of what ended an install."""
+        if isinstance(exc, InstallError | TrustError | IllegalTransition):
+            return exc.reason, exc.detail, bool(getattr(exc, "retryable", False))
+        if isinstance(exc, _Superseded):
+            return "superseded", str(exc), False
+        detail = f"{type(exc).__name__}: {exc}"
+        if is_disk_full(exc):
+            return "disk_full", detail, True
+        if isinstance(exc, OSError):
+            return "io_error", detail, True
+        if self._stopping:  # e.g. the outbox closed under an emit during shutdown
+            self._stopped(name)
+            raise _Stopping from exc
+        event(log, "install_internal_error", logging.ERROR, model=name, exc_info=exc)
+        return "internal_error", detail, False
+
+    def _schedule_retry(self, name: str, reason: str) -> None:
+        """Try the install again after the back-off's next wait; persisted, so a restart keeps it (disk permitting)."""
+        rec = self._records[name]
+        attempt = rec.retries + 1
+        delay = round(self._backoff.delay(attempt, self._rng.random()), 3)
+        with self._wake:
+            self._retry_due[name] = time.monotonic() + delay
+        scheduled = replace(rec, retries=attempt, retry_in_s=delay)
+        try:
+            self._save(name, scheduled)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_disk_full(exc):
+                raise
+            self._records[name] = scheduled  # kept in memory only: a restart retries at once
+        self._host.emit("install_retry_scheduled", model=name, release=rec.release, seq=rec.seq, reason=reason,
+                        attempt=attempt, in_s=delay)  # fmt: skip
 
     def _drive(self, name: str, begin: Event | None) -> None:
         """Take ``begin`` (START a new install, RESUME one a restart cut before activation, or None to go on in the
@@ -406,8 +534,10 @@ class Installer:
         self._check(name)
 
     def _stopped(self, name: str) -> None:
+        """Record a clean stop: the next start neither counts it as a crash of an install nor of a committed release
+        that is still watched (:meth:`_watch_commit`)."""
         rec = self._records[name]
-        if rec.state not in AT_REST:
+        if rec.state is not State.IDLE and not rec.clean_stop:
             self._save(name, replace(rec, clean_stop=True))
 
     # -- failure and revert -------------------------------------------------------------------------------------
@@ -483,6 +613,7 @@ class Installer:
             restarts=0 if state in AT_REST else rec.restarts,
             revert_active=rec.revert_active if revert_active is None else revert_active,
             outcome=outcome or rec.outcome,
+            **({"retries": 0, "retry_in_s": None} if state is State.COMMITTED else {}),
         )
         self._save(name, rec, slots)
         self._host.emit("install_state", model=name, state=state.value, release=rec.release, seq=rec.seq,
@@ -496,8 +627,10 @@ class Installer:
         slots = slots or self._slots[name]
         self._store.save(name, slots, rec.to_dict())
         self._records[name], self._slots[name] = rec, slots
+        due = self._retry_due.get(name)
+        retry_at = None if due is None else self._host.clock() + max(0.0, due - time.monotonic())
         with self._status_lock:
-            self._status[name] = install_status(rec, slots, self._factory_records[name])
+            self._status[name] = install_status(rec, slots, self._factory_records[name], retry_at)
         self._host.status_changed()
 
     def _fault_point(self, state: State) -> None:
@@ -509,3 +642,12 @@ class Installer:
         """Slots (release, sha256 prefix) and the install state with its last outcome, for status output."""
         with self._status_lock:
             return dict(self._status.get(name, {}))
+
+
+def _signed_card(record: SlotRecord) -> dict[str, Any]:
+    """A slot's signed model card ({} if it cannot be read: the slot's verification, before it is served, says why)."""
+    try:
+        card = json.loads(record.card.read_text()) if record.card else {}
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}

@@ -30,12 +30,21 @@ class InstallRecord:
     target: DesiredModel | None = None
     reason: str = ""
     detail: str = ""
-    #: Starts of the agent since the install began (not counting clean stops): the crash-loop counter.
+    #: Starts of the agent since the install began (not counting clean stops): the crash-loop counter. In COMMITTED
+    #: it goes on counting while the commit watch lasts (:meth:`agent.update.install.Installer._watch_commit`).
     restarts: int = 0
     clean_stop: bool = False
+    #: The commit watch: the commit it watches (its outcome's ``ts``), the agent's starts since, and whether it is over.
+    watched_commit: float | None = None
+    starts_since_commit: int = 0
+    watch_over: bool = False
     #: In REVERTING: whether the failing release is the active one (so ``previous`` must be put back).
     revert_active: bool = False
     outcome: Mapping[str, Any] | None = None
+    #: Failed attempts at this target for passing causes (:mod:`agent.update.retry`), and the wait chosen after the
+    #: last one (None: no retry is scheduled).
+    retries: int = 0
+    retry_in_s: float | None = None
 
     @property
     def release(self) -> str:
@@ -54,10 +63,13 @@ class InstallRecord:
         )
 
 
-def install_status(rec: InstallRecord, slots: ModelSlots, factory: SlotRecord) -> dict[str, Any]:
+def install_status(
+    rec: InstallRecord, slots: ModelSlots, factory: SlotRecord, retry_at: float | None = None
+) -> dict[str, Any]:
     """A model's slots (release, sha256 prefix) and install state with its last outcome, as status output shows them.
 
     An empty ``active`` or ``previous`` slot is the factory model; ``previous`` is shown only once a release is active.
+    ``retry_at`` (device clock) is when the failed install is tried again, if it is.
     """
     return {
         "slots": {
@@ -73,5 +85,8 @@ def install_status(rec: InstallRecord, slots: ModelSlots, factory: SlotRecord) -
             "detail": rec.detail,
             "restarts": rec.restarts,
             "last_outcome": dict(rec.outcome) if rec.outcome else None,
+            "next_retry": None
+            if retry_at is None
+            else {"at": round(retry_at, 3), "attempt": rec.retries + 1, "after": rec.reason, "release": rec.release},
         },
     }
