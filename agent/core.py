@@ -26,7 +26,7 @@ import numpy as np
 
 from agent import __version__, protocol, runtime
 from agent.config import AgentConfig, ModelConfig
-from agent.files import write_atomic
+from agent.files import is_disk_full, write_atomic
 from agent.health import HealthSampler
 from agent.link import Backoff, MqttLink, new_boot_id
 from agent.logs import event
@@ -129,6 +129,7 @@ class AgentCore:
         self._drain_timer: Timer | None = None
         self._recent: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._recent_lock = threading.Lock()
+        self._status_stale = False
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(
             config.state_dir / "outbox.sqlite",
@@ -404,7 +405,17 @@ class AgentCore:
         }
 
     def write_status(self, running: bool = True) -> None:
-        """Leave a status file for `edge-agent status`, which must work even when the broker is unreachable."""
-        write_atomic(
-            self.config.state_dir / "status.json", json.dumps(self.status(running), indent=2).encode(), durable=False
-        )
+        """Leave a status file for `edge-agent status`, which must work even when the broker is unreachable.
+
+        On a full disk the last one stays (`edge-agent status` shows its age) and the failure is logged once."""
+        path = self.config.state_dir / "status.json"
+        try:
+            write_atomic(path, json.dumps(self.status(running), indent=2).encode(), durable=False)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            if not self._status_stale:
+                event(log, "status_write_failed", logging.WARNING, reason="disk_full", path=str(path))
+            self._status_stale = True
+        else:
+            self._status_stale = False

@@ -5,6 +5,7 @@ real tmpfs mounts filled to the last byte as full disks, and a device clock set 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def test_a_full_disk_when_the_desired_state_arrives_is_reported_and_acted_on_onc
     releases: dict[str, ReleaseInfo],
     tmp_path: Path,
     example_model: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING)
     device_id = new_device_id()
     with tiny_tmpfs(tmp_path / device_id, size="8m") as state_dir:
         d = device(device_id=device_id, **FAST_RETRIES)
@@ -59,6 +62,9 @@ def test_a_full_disk_when_the_desired_state_arrives_is_reported_and_acted_on_onc
         assert d.reactor.thread is not None and d.reactor.thread.is_alive()
         d.assert_serves("digits:1.0.0", example_model("good"))
         assert not d.tap.of("desired_accepted")
+        d.core.status_changed()  # the status file cannot be rewritten either: logged, not raised
+        wait_for(lambda: "status_write_failed" in caplog.messages, 10, "status_write_failed")
+        assert "reactor_callback_failed" not in caplog.messages
 
         filler.unlink()  # room again: no operator action, no new desired state
         deferred = d.tap.wait_for("desired_deferred")
