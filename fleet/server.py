@@ -1,13 +1,14 @@
 """The fleet service as one object: :class:`FleetServer` starts and stops everything `fleet serve` runs.
 
-Parts, in start order: the home (database, keys and repository, made if missing), the broker (embedded, or an
-external one named by URL), the repository server (HTTP), metadata renewal, the telemetry workers (N processes on a
+Parts, in start order: the home (database, keys and repository, made if missing; a repository whose history is not the
+one the fleet wrote is refused: :meth:`~fleet.trust.repository.Repository.ensure_consistent`), the broker (embedded, or
+an external one named by URL), the repository server (HTTP), metadata renewal, the telemetry workers (N processes on a
 shared subscription, see :mod:`fleet.ingest.workers`; a probe checks that they receive, else they are stopped and
 telemetry stays in this process), the main ``Ingest`` (status and events; everything when there are no workers) and,
 once ready, ``<home>/serve.json``. The embedded broker's and the repository server's ports are kept in
 ``<home>/addresses.json`` and taken again at the next start, so devices find the fleet where they left it.
-:meth:`FleetServer.stop` takes them down in reverse: the record first, then the main ingest (final commit and acks),
-the workers, renewal, the repository server, the broker and the store last.
+:meth:`FleetServer.stop` takes them down in reverse: the record first, then the main ingest (final commit and acks), the
+workers, renewal, the repository server, the broker and the store last.
 
     >>> with FleetServer(ServerSettings(home=Path("/tmp/fleet"), ingest_workers=0)) as server:
     ...     print(server.broker_url, server.repo_url)   # started and ready
@@ -157,7 +158,7 @@ class FleetServer:
 
         Raises :class:`AlreadyRunning` if a `fleet serve` runs on the home, :class:`StartFailed` if the broker or
         the repository server cannot start (whatever had started is stopped again), or the store's and the
-        repository's own errors.
+        repository's own errors (``repository_inconsistent`` when its history is not the one the fleet wrote).
         """
         if self._started:
             raise RuntimeError("a FleetServer starts once")
@@ -177,13 +178,14 @@ class FleetServer:
     def _start(self, root: Path) -> None:
         settings = self.settings
         self.home = made = init_home(root)
-        if ensure_repository(root, root_threshold=1, root_keys=1):
+        store = open_store(made.db)
+        self._parts.callback(store.close)  # closed in reverse: the store last
+        if ensure_repository(root, root_threshold=1, root_keys=1, ledger=store):
             event(
                 log, "repository_created", logging.WARNING, home=str(root), hint="run `fleet init` to see key placement"
             )
-        repo = Repository(root)
-        store = open_store(made.db)
-        self._parts.callback(store.close)  # closed in reverse: the store last
+        repo = Repository(root, ledger=store)
+        repo.ensure_consistent()  # the whole history: nothing is served or re-signed on top of an inconsistent one
         broker_url, shared_subscriptions = self._start_broker(made)
         self._start_repo_server(repo)
         renewal = MetadataRenewal(repo).start()

@@ -773,6 +773,7 @@ def test_enroll_without_a_running_serve_needs_the_urls_and_refuses_bad_ones(publ
     "command",
     [
         ["release"], ["release", "publish"], ["release", "list"], ["release", "show"], ["release", "revoke"],
+        ["release", "verify"],
         ["assign"], ["desired"], ["enroll"], ["audit"],
     ],
 )  # fmt: skip

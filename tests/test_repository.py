@@ -293,8 +293,9 @@ def test_a_tampered_repository_folder_is_not_re_signed(repo: Repository, digits:
     _, _, targets = committed(repo)
     path = repo.metadata_dir / f"{targets.signed.version}.targets.json"
     path.write_bytes(path.read_bytes().replace(b'"release":1,', b'"release":9,'))
-    with pytest.raises(RepositoryError, match="unusable"):
+    with pytest.raises(RepositoryError, match=rf"inconsistent: {path.name}: 2.snapshot.json records v2: ") as err:
         repo.renew_online(NOW + 10 * 86400)
+    assert err.value.reason == "repository_inconsistent"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""`fleet release publish|list|show|revoke`: model releases as signed TUF targets, and `fleet audit`.
+"""`fleet release publish|list|show|revoke|verify`: model releases as signed TUF targets.
 
 A publish or revoke that fails changes nothing: the repository commits by one rename, after every check. Each change
-that succeeds is written to the store's hash-chained audit log.
+that succeeds is written to the store's hash-chained audit log, and what it left in the repository to the store's
+record, which every command checks the repository against: a repository that is not the history the fleet wrote (a
+metadata file copied over another, an old backup put back) is refused in one line naming the file; `fleet release
+verify` lists every finding.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from fleet.cli.common import (
     echo_json,
     home_option,
     json_option,
-    open_repository,
     open_store,
 )
+from fleet.home import resolve_home
 from fleet.ops import releases
+from fleet.store import Store
+from fleet.trust.repository import Repository
 
 #: Models this large get a progress bar while they are copied and hashed (on a terminal only).
 _PROGRESS_BYTES = 16 * 2**20
@@ -32,7 +37,11 @@ _PROGRESS_BYTES = 16 * 2**20
 
 @click.group()
 def release() -> None:
-    """Publish, list, show and revoke signed model releases."""
+    """Publish, list, show, revoke and verify signed model releases."""
+
+
+def _repository(home: Path | None, store: Store) -> Repository:
+    return releases.open_repository(resolve_home(home), store)
 
 
 @release.command()
@@ -75,7 +84,7 @@ def publish(
     show = size >= _PROGRESS_BYTES and sys.stderr.isatty()
     with contextlib.closing(open_store(home, write=True)) as store, bar if show else contextlib.nullcontext():
         info, warnings = releases.publish(
-            open_repository(home),
+            _repository(home, store),
             store,
             model_file,
             name,
@@ -99,8 +108,12 @@ def publish(
 @home_option
 @json_option
 def list_releases(home: Path | None, as_json: bool) -> None:
-    """List every release, by model then release counter; revoked ones are marked."""
-    found = open_repository(home).releases()
+    """List every release, by model then release counter; revoked ones are marked.
+
+    Exit 1 if the repository is not the history the fleet wrote (see `fleet release verify`).
+    """
+    with contextlib.closing(open_store(home)) as store:
+        found = _repository(home, store).releases()
     if as_json:
         echo_json(found)
         return
@@ -123,7 +136,8 @@ def list_releases(home: Path | None, as_json: bool) -> None:
 @json_option
 def show(ref: tuple[str, str], home: Path | None, as_json: bool) -> None:
     """Show one release: target, hash, counters, hardware and its signed model card. Exit code 3 if unknown."""
-    info = open_repository(home).release(*ref)
+    with contextlib.closing(open_store(home)) as store:
+        info = _repository(home, store).release(*ref)
     if as_json:
         echo_json(info)
         return
@@ -149,9 +163,35 @@ def revoke(ref: tuple[str, str], home: Path | None, as_json: bool) -> None:
     """
     name, version = ref
     with contextlib.closing(open_store(home, write=True)) as store:
-        info, changed = releases.revoke(open_repository(home), store, name, version, actor=actor())
+        info, changed = releases.revoke(_repository(home, store), store, name, version, actor=actor())
     if as_json:
         echo_json({**info.as_dict(), "changed": changed})
         return
     state = "revoked" if changed else "was already revoked"
     click.echo(f"{name}:{version} {state}: {name} releases below {info.min_release} are refused by devices")
+
+
+@release.command()
+@home_option
+@json_option
+def verify(home: Path | None, as_json: bool) -> None:
+    """Check the repository's whole history; print each finding. Exit 0 if consistent, 1 if not.
+
+    Checked: the root chain (each N.root.json signed by root N-1 and by itself; root.json the newest), timestamp ->
+    snapshot -> targets (length, sha256 and version as recorded, signatures), every versioned file's version against
+    its name, targets versions never going down, and the versions and hashes the fleet recorded after its last
+    change (a repository behind them, or a recorded file changed, is refused). Files left over from a change that
+    crashed before its commit are listed, not fatal. --json prints {"ok", "versions", "recorded", "files",
+    "findings": [{"reason", "file", "detail", "fatal"}]}.
+    """
+    with contextlib.closing(open_store(home)) as store:
+        repository = _repository(home, store)
+        report = releases.verify(repository)
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        for finding in report.findings:
+            click.echo(f"{'FAIL' if finding.fatal else 'note'} {finding.reason}: {finding}")
+        click.echo(report.summary())
+    if not report.ok:
+        raise repository.refusal(report)

@@ -8,6 +8,7 @@ has no log to chain to before its database exists, and a second run changes no k
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from tuf.api.metadata import Metadata, Root
 
 from fleet.errors import FleetError
 from fleet.home import init_home
-from fleet.store import SCHEMA_VERSION
+from fleet.store import SCHEMA_VERSION, open_store
+from fleet.store.api import RepoCommits
 from fleet.trust.repository import Repository
 
 #: Which keys may stay on the serving machine. Root signs only root rotations. Targets would ideally be offline too,
@@ -71,7 +73,8 @@ def init_fleet(home: Path, *, root_threshold: int | None = None, root_keys: int 
             _FEWER_SIGNATURES,
         )
     made = init_home(home)
-    created = ensure_repository(made.root, threshold, keys)
+    with contextlib.closing(open_store(made.db)) as store:
+        created = ensure_repository(made.root, threshold, keys, ledger=store)
     policy = root_policy(made.root)
     given = root_threshold is not None or root_keys is not None
     if not created and policy != (threshold, keys) and given:
@@ -94,8 +97,11 @@ def init_fleet(home: Path, *, root_threshold: int | None = None, root_keys: int 
     )
 
 
-def ensure_repository(home: Path, root_threshold: int = 1, root_keys: int = 1) -> bool:
-    """Create the keys and TUF repository unless they exist; True if they were made now.
+def ensure_repository(
+    home: Path, root_threshold: int = 1, root_keys: int = 1, *, ledger: RepoCommits | None = None
+) -> bool:
+    """Create the keys and TUF repository unless they exist; True if they were made now (and recorded in ``ledger``,
+    the fleet's store, as its last change to the repository: a record of one it replaces no longer applies).
 
     An existing repository is kept as it is: init never replaces keys devices already trust. Half a repository (keys
     without metadata, or the reverse) is refused, with what to restore.
@@ -114,7 +120,7 @@ def ensure_repository(home: Path, root_threshold: int = 1, root_keys: int = 1) -
             "with the old root must then be enrolled again)",
         )
     try:
-        Repository.init(home, root_threshold=root_threshold, root_keys=root_keys)
+        Repository.init(home, root_threshold=root_threshold, root_keys=root_keys, ledger=ledger)
     except FleetError:
         raise
     except ValueError as exc:  # the root policy Repository.init refuses

@@ -1,7 +1,9 @@
-"""Publishing and revoking releases: the repository signs, the audit log records who did it.
+"""Publishing and revoking releases: the repository signs, the audit log records who did it; and checking the
+repository's history against the fleet's record of its changes.
 
 A publish or revoke that is refused changes nothing: every check runs before the repository commits (by one rename),
-and the audit entry is written only for a change that happened.
+and the audit entry is written only for a change that happened. Nothing is signed on top of a repository that is not
+the history the fleet wrote (:mod:`fleet.trust.history`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from agent.logs import event
 from agent.runtime import RuntimeLayerError, RuntimeNotInstalled, load_model
 from agent.targets import RUNTIME_BY_SUFFIX
 from fleet.errors import FleetError
-from fleet.store.api import AuditLog
+from fleet.store.api import AuditLog, RepoCommits
+from fleet.trust.history import HistoryReport
 from fleet.trust.releases import ReleaseInfo
 from fleet.trust.repository import Repository
 from fleet.views import release_ref
@@ -24,6 +27,18 @@ from fleet.views import release_ref
 log = logging.getLogger(__name__)
 
 _UNCHANGED = "Nothing was changed."
+
+
+def open_repository(home: Path, store: RepoCommits) -> Repository:
+    """The home's TUF repository, checked on every load against what ``store`` recorded after the fleet's last change
+    to it, and recording each change there."""
+    return Repository(home, ledger=store)
+
+
+def verify(repo: Repository) -> HistoryReport:
+    """Check the repository's whole history (`fleet release verify`): every finding, none raised. A report that is
+    not ``ok`` becomes the refusal every other command gives through ``repo.refusal(report)``."""
+    return repo.verify()
 
 
 def read_card(path: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from fleet.store.rows import (
     Gap,
     InstallOutcome,
     Reject,
+    RepoCommit,
     Summary,
     Telemetry,
 )
@@ -100,7 +101,16 @@ class AuditLog(Protocol):
     def verify_audit(self) -> AuditCheck: ...
 
 
-class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, Protocol):
+class RepoCommits(Protocol):
+    """What the fleet's TUF repository looked like after each change the fleet made to it, the newest last: the
+    record :class:`fleet.trust.repository.Repository` checks its files against (an old backup put back is refused)."""
+
+    def last_repo_commit(self) -> RepoCommit | None: ...
+
+    def record_repo_commit(self, commit: RepoCommit) -> None: ...
+
+
+class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, RepoCommits, Protocol):
     """Everything the fleet keeps, behind one handle; ``close()`` when done."""
 
     def close(self) -> None: ...

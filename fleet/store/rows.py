@@ -179,3 +179,18 @@ class AuditCheck:
     head: str
     bad_id: int | None = None
     problem: str | None = None
+
+
+#: The top-level TUF roles a repository commit is made of, in the order they are checked.
+REPO_ROLES = ("root", "timestamp", "snapshot", "targets")
+
+
+@dataclass(frozen=True, slots=True)
+class RepoCommit:
+    """The fleet's TUF repository as the fleet's own last change left it: per role (``REPO_ROLES``) the metadata
+    version and the sha256 of its file (``N.root.json``, ``timestamp.json``, ``N.snapshot.json``,
+    ``N.targets.json``). :mod:`fleet.trust.history` refuses a repository behind it or whose files no longer hash so."""
+
+    versions: dict[str, int]
+    sha256: dict[str, str]
+    recorded_at: float = 0.0

@@ -15,6 +15,7 @@ import sqlite_utils
 
 from agent import protocol
 from fleet.errors import StoreUnavailable
+from fleet.store.rows import REPO_ROLES, RepoCommit
 
 #: A window's histograms and health: schema v1-v2 stored them as JSON text columns, v3 keeps them in ``payload``.
 JSON_WINDOW_FIELDS = ("latency", "confidence", "classes", "features", "feedback", "health")
@@ -156,7 +157,45 @@ def _schema_v4(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_schema_v1, _schema_v2, _schema_v3, _schema_v4)
+def _schema_v5(db: sqlite_utils.Database) -> None:
+    """What the fleet's own changes left in its TUF repository, one row per change (append-only, like the audit log):
+    a repository folder put back from an old backup, or a metadata file replaced, no longer matches the last row."""
+    db["repo_commits"].create(
+        {"id": int, "recorded_at": float, **{f"{role}_{c}": t for role in REPO_ROLES for c, t in _REPO_COLUMNS}},
+        pk="id",
+        not_null=["recorded_at", *(f"{role}_{c}" for role in REPO_ROLES for c, _ in _REPO_COLUMNS)],
+    )
+    for verb in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER repo_commits_no_{verb.lower()} BEFORE {verb} ON repo_commits "
+            "BEGIN SELECT RAISE(ABORT, 'the record of repository commits is append-only'); END"
+        )
+
+
+#: Each role's columns in ``repo_commits``: ``<role>_version`` and ``<role>_sha256``.
+_REPO_COLUMNS = (("version", int), ("sha256", str))
+
+
+def repo_commit_row(commit: RepoCommit) -> dict[str, Any]:
+    """A repository commit as a ``repo_commits`` row (without its id)."""
+    return {
+        "recorded_at": commit.recorded_at,
+        **{f"{role}_version": commit.versions[role] for role in REPO_ROLES},
+        **{f"{role}_sha256": commit.sha256[role] for role in REPO_ROLES},
+    }
+
+
+def repo_commit(row: Mapping[str, Any]) -> RepoCommit:
+    """A ``repo_commits`` row as the commit it records."""
+    return RepoCommit(
+        {role: row[f"{role}_version"] for role in REPO_ROLES},
+        {role: row[f"{role}_sha256"] for role in REPO_ROLES},
+        row["recorded_at"],
+    )
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
+    _schema_v1, _schema_v2, _schema_v3, _schema_v4, _schema_v5
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

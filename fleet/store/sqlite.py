@@ -41,6 +41,7 @@ from fleet.store.rows import (
     AuditEntry,
     DesiredRecord,
     Reject,
+    RepoCommit,
 )
 from fleet.store.schema import (
     BIRTH,
@@ -55,6 +56,7 @@ from fleet.store.schema import (
     dumps,
     event_row,
     migrate,
+    repo_commit_row,
     window_row,
 )
 from fleet.store.sqlite_reads import SqliteReads, loads, store_error
@@ -374,6 +376,16 @@ class SqliteStore(SqliteReads):
     def audit(self) -> list[AuditEntry]:
         """The audit log, oldest first."""
         return [_audit_entry(row) for row in self._rows("SELECT * FROM audit ORDER BY id")]
+
+    def record_repo_commit(self, commit: RepoCommit) -> None:
+        """Append what a change left in the TUF repository (``recorded_at`` 0 is stamped now); the newest row is the
+        record :meth:`last_repo_commit` returns."""
+        row = repo_commit_row(commit)
+        row["recorded_at"] = row["recorded_at"] or time.time()
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT INTO repo_commits ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
 
     def verify_audit(self) -> AuditCheck:
         """Walk the hash chain from the first row (:func:`fleet.store.audit.verify_chain`)."""

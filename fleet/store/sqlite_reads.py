@@ -17,8 +17,8 @@ import sqlite_utils
 from agent import protocol
 from agent.histograms import merge_windows
 from fleet.errors import FleetError, StoreUnavailable
-from fleet.store.rows import Device, DeviceDetail, Event, Gap, InstallOutcome, Summary, Telemetry
-from fleet.store.schema import JSON_WINDOW_FIELDS
+from fleet.store.rows import Device, DeviceDetail, Event, Gap, InstallOutcome, RepoCommit, Summary, Telemetry
+from fleet.store.schema import JSON_WINDOW_FIELDS, repo_commit
 
 #: How many of a device's latest events `device()` returns.
 LAST_EVENTS = 20
@@ -202,6 +202,11 @@ class SqliteReads:
     def reject_counts(self) -> dict[str, int]:
         """Rejected messages per reason, since the database was made."""
         return {r["reason"]: r["count"] for r in self._rows("SELECT reason, count FROM rejects ORDER BY reason")}
+
+    def last_repo_commit(self) -> RepoCommit | None:
+        """What the fleet's last change left in its TUF repository, or None before its first recorded change."""
+        rows = self._rows("SELECT * FROM repo_commits ORDER BY id DESC LIMIT 1")
+        return repo_commit(rows[0]) if rows else None
 
     def summary(self) -> Summary:
         """Fleet-wide counts for `fleet status`."""
