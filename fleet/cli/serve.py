@@ -106,6 +106,8 @@ def serve(
     first if they are missing (as `fleet init` does). Prints `broker: URL` then `repo: URL` on stdout once the
     ingest is subscribed, and records both in <home>/serve.json until it stops; logs are JSON lines on stderr.
     Both ports stay the same across restarts (kept in <home>/addresses.json; --port and --repo-port change them).
+    Refuses to start (exit 1, one line naming the file) when the release repository is not the history the fleet
+    wrote; `fleet release verify` lists every finding.
     """
     try:
         settings = ServerSettings(

@@ -99,6 +99,7 @@ class Repository:
         self.keys = KeyStore(self.home / "keys")
         self._clock = clock
         self._ledger = ledger
+        self._read = metadata_reader(self.metadata_dir)
         try:
             config = strict_json((self.dir / "config.json").read_bytes())
         except FileNotFoundError:
@@ -172,9 +173,6 @@ class Repository:
                       found=state.versions())  # fmt: skip
                 self._record(state)
         return state
-
-    def _read(self, name: str) -> bytes | None:
-        return metadata_reader(self.metadata_dir)(name)
 
     def _last_record(self) -> RepoCommit | None:
         return None if self._ledger is None else self._ledger.last_repo_commit()
