@@ -248,3 +248,22 @@ def test_verify_passes_a_consistent_repository_and_has_help(home: Path, digits: 
     )
     assert "repository history consistent" in fleet("audit", "--verify", "--home", home).stdout
     assert "Usage:" in fleet("release", "verify", "--help").stdout
+
+
+def test_a_snapshot_in_the_history_naming_an_older_targets_version_is_a_rollback(home: Path, digits: Path) -> None:
+    """Even signed with the snapshot key: versions only go up along the history. Loads check the committed chain
+    only, so `release list` still answers; the whole-history check (verify, `fleet serve`'s start) refuses."""
+    metadata = home / "repo" / "metadata"
+    publish(home, digits / "int8.onnx", "digits:1.0.0")
+    publish(home, digits / "int8.tflite", "digits:1.1.0")
+    assert fleet("release", "revoke", "digits:1.0.0", "--home", home).exit_code == 0
+    first = Metadata.from_bytes((metadata / "1.snapshot.json").read_bytes()).signed.meta["targets.json"]
+    third = Metadata.from_bytes((metadata / "3.snapshot.json").read_bytes())
+    third.signed.meta["targets.json"] = first
+    third.sign(Repository(home).keys.signer("snapshot"))
+    (metadata / "3.snapshot.json").write_bytes(third.to_bytes())
+
+    assert fleet("release", "list", "--home", home).exit_code == 0
+    found = json.loads(fleet("release", "verify", "--json", "--home", home).stdout)
+    assert [(f["reason"], f["file"]) for f in found["findings"]] == [("rollback", "3.snapshot.json")]
+    assert found["findings"][0]["detail"] == "names targets v1, below v2 that 2.snapshot.json names"

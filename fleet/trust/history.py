@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,14 +123,15 @@ def _found(data: bytes) -> str:
     return f"{len(data)} bytes, sha256 {sha256(data)[:16]}{what}"
 
 
-def _parse(name: str, data: bytes, role: str) -> tuple[Metadata[Any] | None, Finding | None]:
+def _parse(name: str, data: bytes, role: str) -> Metadata[Any] | Finding:
+    """The file's metadata if it is ``role``'s, else the finding saying why not."""
     try:
         md: Metadata[Any] = Metadata.from_bytes(data)
     except tuf_exceptions.RepositoryError as exc:
-        return None, Finding("unreadable", name, f"is not TUF metadata ({exc})")
+        return Finding("unreadable", name, f"is not TUF metadata ({exc})")
     if md.signed.type != role:
-        return None, Finding("unreadable", name, f"holds {md.signed.type} metadata, not {role}")
-    return md, None
+        return Finding("unreadable", name, f"holds {md.signed.type} metadata, not {role}")
+    return md
 
 
 def _signed(root: Metadata[Root], md: Metadata[Any], name: str) -> Finding | None:
@@ -167,9 +168,9 @@ def _follow(
     bad = check_reference(name, data, meta, by)
     if bad is not None or data is None:
         return None, "", [bad] if bad else []
-    md, bad = _parse(name, data, role)
-    if md is None:
-        return None, "", [bad] if bad else []
+    md = _parse(name, data, role)
+    if isinstance(md, Finding):
+        return None, "", [md]
     findings = [] if md.signed.version == meta.version else [
         Finding("version_mismatch", name, f"its signed version is {md.signed.version}, {by} names v{meta.version}")
     ]  # fmt: skip
@@ -183,9 +184,9 @@ def read_committed(read: Read) -> tuple[Committed | None, list[Finding]]:
     root_bytes = read("root.json")
     if root_bytes is None:
         return None, [Finding("missing", "root.json", "the trusted root is missing")]
-    root, bad = _parse("root.json", root_bytes, "root")
-    if root is None or bad is not None:
-        return None, [bad] if bad else []
+    root = _parse("root.json", root_bytes, "root")
+    if isinstance(root, Finding):
+        return None, [root]
     if bad := _signed(root, root, "root.json"):
         return None, [bad]
     findings = []
@@ -197,9 +198,9 @@ def read_committed(read: Read) -> tuple[Committed | None, list[Finding]]:
     timestamp_bytes = read("timestamp.json")
     if timestamp_bytes is None:
         return None, [*findings, Finding("missing", "timestamp.json", "the commit point is missing")]
-    timestamp, bad = _parse("timestamp.json", timestamp_bytes, "timestamp")
-    if timestamp is None or bad is not None:
-        return None, [*findings, *([bad] if bad else [])]
+    timestamp = _parse("timestamp.json", timestamp_bytes, "timestamp")
+    if isinstance(timestamp, Finding):
+        return None, [*findings, timestamp]
     if bad := _signed(root, timestamp, "timestamp.json"):
         return None, [*findings, bad]
     by = f"timestamp.json (v{timestamp.signed.version})"
@@ -218,6 +219,27 @@ def read_committed(read: Read) -> tuple[Committed | None, list[Finding]]:
     hashes = {"root": sha256(root_bytes), "timestamp": sha256(timestamp_bytes), "snapshot": snapshot_sha,
               "targets": targets_sha}  # fmt: skip
     return Committed(root, timestamp, snapshot, targets, hashes), findings
+
+
+def named_versions(read: Read) -> dict[str, int]:
+    """The versions root.json and the chain from timestamp.json name, as far as the files parse (nothing verified):
+    what the whole-history check goes by when the committed chain itself is broken."""
+    versions: dict[str, int] = {}
+    root, timestamp = _parsed(read, "root.json", "root"), _parsed(read, "timestamp.json", "timestamp")
+    if root is None or timestamp is None:
+        return versions
+    versions.update(root=root.signed.version, timestamp=timestamp.signed.version,
+                    snapshot=timestamp.signed.snapshot_meta.version)  # fmt: skip
+    snapshot = _parsed(read, file_name("snapshot", versions["snapshot"]), "snapshot")
+    if snapshot is not None and "targets.json" in snapshot.signed.meta:
+        versions["targets"] = snapshot.signed.meta["targets.json"].version
+    return versions
+
+
+def _parsed(read: Read, name: str, role: str) -> Metadata[Any] | None:
+    data = read(name)
+    md = None if data is None else _parse(name, data, role)
+    return None if isinstance(md, Finding) else md
 
 
 def check_record(state: Committed, record: RepoCommit, read: Read) -> list[Finding]:
@@ -255,25 +277,23 @@ def versioned_files(names: Iterable[str]) -> dict[str, dict[int, str]]:
     return found
 
 
-def orphans(names: Iterable[str], state: Committed) -> list[str]:
+def orphans(names: Iterable[str], versions: Mapping[str, int]) -> list[str]:
     """Snapshot and targets files above the committed versions: nothing names them, no client has seen them."""
-    versions = state.versions()
     found = versioned_files(names)
     return [name for role in ("snapshot", "targets") for n, name in sorted(found[role].items()) if n > versions[role]]
 
 
-def check_history(names: Iterable[str], read: Read, state: Committed) -> list[Finding]:
-    """Every versioned file in ``names`` (the metadata folder's), against the committed ``state``."""
+def check_history(names: Iterable[str], read: Read, versions: Mapping[str, int]) -> list[Finding]:
+    """Every versioned file in ``names`` (the metadata folder's), against the committed ``versions``."""
     found = versioned_files(names)
-    roots, findings = _check_roots(found["root"], read, state)
-    findings += _check_snapshots(found["snapshot"], read, state, roots)
+    roots, findings = _check_roots(found["root"], read, versions["root"])
+    findings += _check_snapshots(found["snapshot"], read, versions["snapshot"], roots)
     named = {f.file for f in findings}
-    versions = state.versions()
     for role in ("snapshot", "targets"):
         for n in range(1, versions[role] + 1):
             if n not in found[role] and file_name(role, n) not in named:
                 findings.append(Finding("missing", file_name(role, n), f"{role} v{n} is gone from the history"))
-    for name in orphans(names, state):
+    for name in orphans(names, versions):
         findings.append(
             Finding(
                 "orphan",
@@ -286,21 +306,21 @@ def check_history(names: Iterable[str], read: Read, state: Committed) -> list[Fi
     return findings
 
 
-def _check_roots(found: dict[int, str], read: Read, state: Committed) -> tuple[list[Metadata[Root]], list[Finding]]:
+def _check_roots(found: dict[int, str], read: Read, newest: int) -> tuple[list[Metadata[Root]], list[Finding]]:
     """Root versions 1..N: each present, of its version, signed by the version before and by itself."""
     roots: list[Metadata[Root]] = []
     findings: list[Finding] = []
     previous: Metadata[Root] | None = None
-    for n in range(1, max(state.root.signed.version, *found, 0) + 1):
+    for n in range(1, max(newest, *found) + 1):
         name = file_name("root", n)
         data = read(name)
         if data is None:
             findings.append(Finding("root_chain", name, "is missing: devices walk every root version"))
             previous = None
             continue
-        md, bad = _parse(name, data, "root")
-        if md is None:
-            findings += [bad] if bad else []
+        md = _parse(name, data, "root")
+        if isinstance(md, Finding):
+            findings.append(md)
             previous = None
             continue
         if md.signed.version != n:
@@ -315,23 +335,23 @@ def _check_roots(found: dict[int, str], read: Read, state: Committed) -> tuple[l
     return roots, findings
 
 
-def _check_snapshots(found: dict[int, str], read: Read, state: Committed, roots: list[Metadata[Root]]) -> list[Finding]:
+def _check_snapshots(found: dict[int, str], read: Read, committed: int, roots: list[Metadata[Root]]) -> list[Finding]:
     """Each committed snapshot version: signed, of its version, naming targets versions that never go down, and each
     targets file it names of the length and sha256 it records (each targets file read once)."""
     findings: list[Finding] = []
     checked: dict[int, str] = {}  # targets version -> sha256 a snapshot named and the file matched
     last: tuple[int, str] | None = None  # (targets version, snapshot file) of the snapshot before
     for n, name in sorted(found.items()):
-        data = read(name)
-        if n > state.snapshot.signed.version or data is None:
+        data = None if n > committed else read(name)  # above: an orphan, reported apart
+        if data is None:
             continue
-        md, bad = _parse(name, data, "snapshot")
-        if md is None:
-            findings += [bad] if bad else []
+        md = _parse(name, data, "snapshot")
+        if isinstance(md, Finding):
+            findings.append(md)
             continue
         if md.signed.version != n:
             findings.append(Finding("version_mismatch", name, f"its signed version is {md.signed.version}"))
-        if all(_signed(root, md, name) for root in reversed(roots)):
+        if roots and all(_signed(root, md, name) for root in reversed(roots)):
             findings.append(Finding("bad_signature", name, "not signed by the snapshot keys of any root version"))
         meta = md.signed.meta.get("targets.json")
         if meta is None:
@@ -355,10 +375,10 @@ def verify(names: Iterable[str], read: Read, record: RepoCommit | None) -> Histo
     """The committed chain, the record (if any) and the whole history of the metadata folder holding ``names``."""
     names = list(names)
     state, findings = read_committed(read)
-    if state is not None:
-        if record is not None:
-            findings += check_record(state, record, read)
-        findings += check_history(names, read, state)
+    versions = named_versions(read) if state is None else state.versions()
+    if state is not None and record is not None:
+        findings += check_record(state, record, read)
+    if set(versions) == set(REPO_ROLES):
+        findings += check_history(names, read, versions)
     unique = list({(f.reason, f.file): f for f in findings}.values())
-    versions = {} if state is None else state.versions()
     return HistoryReport(versions, record, sum(map(len, versioned_files(names).values())), tuple(unique))

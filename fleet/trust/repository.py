@@ -203,7 +203,7 @@ class Repository:
     def _set_orphans_aside(self, state: Committed) -> None:
         """Move versioned files above the committed versions (a change crashed before its commit: no client has
         seen them) to ``metadata/.orphaned/``, content-named, so the next versions are written afresh."""
-        for name in history.orphans(os.listdir(self.metadata_dir), state):
+        for name in history.orphans(os.listdir(self.metadata_dir), state.versions()):
             path = self.metadata_dir / name
             aside = self.metadata_dir / ".orphaned" / f"{name}.{history.sha256(path.read_bytes())[:16]}"
             aside.parent.mkdir(exist_ok=True)
