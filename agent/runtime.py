@@ -37,6 +37,7 @@ import abc
 import importlib.util
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from agent.faults import FAULT_SEGV_WHEN, segv_when
 from agent.logs import event
 
 log = logging.getLogger(__name__)
@@ -164,16 +166,11 @@ def load_model(path: str | Path, *, threads: int | None = None, runtime: str | N
     except RuntimeLayerError as exc:
         event(log, "model_load_failed", logging.WARNING, path=str(path), error=type(exc).__name__, reason=str(exc))
         raise
-    event(
-        log,
-        "model_loaded",
-        path=str(path),
-        runtime=model.runtime,
-        threads=threads,
-        input=list(model.inputs[0].shape),
-        output=list(model.outputs[0].shape),
-        load_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+    if FAULT_SEGV_WHEN in os.environ:  # a test hook (agent/faults.py), read once per load: unset, nothing is wrapped
+        segv_when(model, os.environ[FAULT_SEGV_WHEN])
+    event(log, "model_loaded", path=str(path), runtime=model.runtime, threads=threads,
+          input=list(model.inputs[0].shape), output=list(model.outputs[0].shape),
+          load_ms=round((time.perf_counter() - started) * 1000, 2))  # fmt: skip
     return model
 
 

@@ -4,6 +4,7 @@ of desired states, their delivery as retained messages on a real broker, and a t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -72,6 +73,15 @@ class Fleet:
 
     def publish(self, model_file: Path, version: str, card: Mapping[str, Any], **options: Any) -> ReleaseInfo:
         return self.repo.publish(model_file, "digits", version, card, **options)
+
+    def publish_like(self, model_file: Path, version: str, card: Mapping[str, Any], like: str) -> ReleaseInfo:
+        """Publish a file made from ``like`` (a file ``card`` describes) with that file's facts and expected smoke
+        outputs in its card, under its own name, length and hash."""
+        data, name = model_file.read_bytes(), model_file.name
+        card = json.loads(json.dumps(card))
+        card["files"][name] = {**card["files"][like], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        card["smoke_test"]["expected"][name] = card["smoke_test"]["expected"][like]
+        return self.publish(model_file, version, card)
 
     def stored_file(self, release: ReleaseInfo) -> Path:
         """Where the repository keeps a release's bytes (what its server sends)."""

@@ -95,6 +95,7 @@ def test_every_state_is_reachable_has_a_restart_action_and_leads_back_to_rest() 
     assert reachable == set(State)
     assert set(ON_RESTART) == set(State)
     assert {s for s, action in ON_RESTART.items() if action is Restart.RESTART} == BEFORE_ACTIVATION
+    assert {s for s, action in ON_RESTART.items() if action is Restart.WATCH_COMMIT} == {State.COMMITTED}
     for state in State:  # DONE or FAIL, every state ends at rest: no install can be left hanging by the table
         seen = set()
         while state not in AT_REST and state not in seen:

@@ -2,7 +2,8 @@
 
 The installer serves the release and polls its counters (:meth:`agent.update.host.InstallHost.totals`, since the
 release was activated); :meth:`ProbationLimits.judge` decides. The limits come from the release's signed card where it
-has a ``probation`` section, else from the device's ``[update]`` defaults.
+has a ``probation`` section, else from the device's ``[update]`` defaults; so does the watch after commit
+(:func:`commit_watch_s`), in which crashes of the agent still roll the release back.
 """
 
 from __future__ import annotations
@@ -42,20 +43,12 @@ class ProbationLimits:
         ``{"inferences", "seconds", "max_error_rate", "latency_p95_ms"}``; the latency budget defaults to the smoke
         test's (a per-row budget: releases whose callers batch should sign ``latency_p95_ms``).
         """
-        signed = card.get("probation")
-        signed = signed if isinstance(signed, Mapping) else {}
-        smoke = card.get("smoke_test")
-        smoke = smoke if isinstance(smoke, Mapping) else {}
-
-        def pick(value: Any, default: Any, low: float = 0.0) -> Any:
-            fine = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            return value if fine and value >= low else default
-
+        signed, smoke = _section(card, "probation"), _section(card, "smoke_test")
         return cls(
-            inferences=int(pick(signed.get("inferences"), config.probation_inferences, 1)),
-            seconds=float(pick(signed.get("seconds"), config.probation_s)),
-            max_error_rate=min(1.0, float(pick(signed.get("max_error_rate"), config.max_error_rate))),
-            latency_p95_ms=pick(signed.get("latency_p95_ms"), pick(smoke.get("latency_budget_ms"), None)),
+            inferences=int(_pick(signed.get("inferences"), config.probation_inferences, 1)),
+            seconds=float(_pick(signed.get("seconds"), config.probation_s)),
+            max_error_rate=min(1.0, float(_pick(signed.get("max_error_rate"), config.max_error_rate))),
+            latency_p95_ms=_pick(signed.get("latency_p95_ms"), _pick(smoke.get("latency_budget_ms"), None)),
         )
 
     def judge(self, totals: Totals, elapsed_s: float) -> Verdict:
@@ -74,3 +67,21 @@ class ProbationLimits:
             detail = f"p95 latency {p95:.3g} ms > {self.latency_p95_ms:g} ms over {n} inferences"
             return Verdict(True, "probation_latency", detail)
         return Verdict(True)
+
+
+def commit_watch_s(card: Mapping[str, Any], config: UpdateConfig) -> float:
+    """For how long after its commit unclean restarts of the agent still count as the release's crash loop: the
+    card's signed ``probation.watch_s`` where it has one, else ``[update] commit_watch_s``; 0 ends the watch at
+    commit."""
+    return float(_pick(_section(card, "probation").get("watch_s"), config.commit_watch_s))
+
+
+def _section(card: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    section = card.get(key)
+    return section if isinstance(section, Mapping) else {}
+
+
+def _pick(value: Any, default: Any, low: float = 0.0) -> Any:
+    """A signed number if it is one (finite, not a bool, at least ``low``), else the default."""
+    fine = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if fine and value >= low else default

@@ -95,7 +95,10 @@ class SlotRecord:
         return self.target is None
 
     def model_config(self, name: str, threads: int | None) -> ModelConfig:
-        return ModelConfig(name=name, path=self.path, card=self.card, release=self.release, threads=threads)
+        """How to serve this slot: a release with its signed runtime (the one its smoke test ran), the factory
+        model as agent.toml configures it."""
+        return ModelConfig(name=name, path=self.path, card=self.card, release=self.release, threads=threads,
+                           runtime=None if self.factory else self.runtime)  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         """What status shows: enough to tell releases apart, no paths."""

@@ -8,8 +8,8 @@ for every move, so the order of an install's steps is this table's, not the inst
     any state but REVERTING --FAIL--> REVERTING --DONE--> IDLE
     DOWNLOADING, VERIFYING, STAGED, SMOKE_TEST --RESUME--> DOWNLOADING      (an install a restart interrupted)
 
-FAIL from IDLE or COMMITTED is a damaged or unloadable active slot found at start-up. What a start does in each
-state is :data:`ON_RESTART`.
+FAIL from IDLE or COMMITTED is a damaged or unloadable active slot found at start-up, or (COMMITTED) a crash loop of
+the agent soon after the commit. What a start does in each state is :data:`ON_RESTART`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Event(StrEnum):
     RESUME = "resume"
     #: The state's work succeeded.
     DONE = "done"
-    #: The install cannot go on: a failed check, a newer desired state, a damaged slot, a crash loop.
+    #: The install cannot go on: a failed check, a newer desired state, a damaged slot, a crash loop (also one soon
+    #: after the commit).
     FAIL = "fail"
 
 
@@ -97,6 +98,7 @@ class Restart(Enum):
     """What a start does for a model found in each state (after a SIGKILL, a power cut, or a clean stop)."""
 
     NOTHING = "serve the active slot"
+    WATCH_COMMIT = "serve the active slot; within the commit watch an unclean start counts, and a crash loop reverts"
     RESTART = "the active model was never touched: serve it; the worker restarts the install from DOWNLOADING"
     COMPLETE_ACTIVATION = "re-verify the staged release and make it active (PROBATION), or revert if it fails"
     CONTINUE_PROBATION = "serve the release on probation and start its probation over"
@@ -106,7 +108,7 @@ class Restart(Enum):
 ON_RESTART: Mapping[State, Restart] = MappingProxyType(
     {
         _S.IDLE: Restart.NOTHING,
-        _S.COMMITTED: Restart.NOTHING,
+        _S.COMMITTED: Restart.WATCH_COMMIT,
         _S.DOWNLOADING: Restart.RESTART,
         _S.VERIFYING: Restart.RESTART,
         _S.STAGED: Restart.RESTART,
