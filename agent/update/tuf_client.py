@@ -8,67 +8,67 @@ python-tuf's ngclient verifies it from the root this device was enrolled with, l
 2. :meth:`ReleaseFetcher.resolve` requires TUF's target for the director's path to have the same sha256 and length,
    then reads the release's signed custom metadata: the same release counter, ``release >= min_release``
    (revocation), a runtime this device has, and this machine in the hardware list.
-3. :meth:`ReleaseFetcher.download` downloads through ngclient, which verifies length and hashes, with
-   :class:`ResumingFetcher`: a deadline per file and Range resume after a cut. Local file names (the partial file,
-   the result) are derived here from checked values, never taken from the network.
+3. :meth:`ReleaseFetcher.download` checks the free space first, then downloads through ngclient, which verifies
+   length and hashes, with :class:`~agent.update.fetcher.ResumingFetcher`: a deadline per file, Range resume after a
+   cut or a kill, a whole download when a server mishandles Range. Local file names (the partial file, the result)
+   are derived from checked values, never taken from the network.
+
+Each failure is a :class:`TrustError` whose ``retryable`` tells transient causes from verdicts on signed content.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import hmac
-import http.client
 import logging
 import os
 import platform
-import socket
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 from tuf.api.exceptions import (
     DownloadError,
     DownloadHTTPError,
     DownloadLengthMismatchError,
+    ExpiredMetadataError,
     LengthOrHashMismatchError,
     RepositoryError,
 )
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater
-from tuf.ngclient.fetcher import FetcherInterface
 
-from agent import __version__
 from agent.canonical import strict_json
 from agent.errors import EdgefleetError
-from agent.files import fsync_path
+from agent.files import fsync_path, is_disk_full
 from agent.logs import event
 from agent.targets import SUFFIX_BY_RUNTIME, parse_target_path
 from agent.update.desired import DesiredModel
+from agent.update.fetcher import DownloadDeadlineError, NoSpace, ResumedFileMismatch, ResumingFetcher
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 64 * 1024
-_USER_AGENT = f"edgefleet-agent/{__version__}"
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: HTTP statuses worth another try besides 5xx: a request timeout, too many requests.
+_RETRYABLE_STATUS = frozenset({408, 429})
 
 
 class TrustError(EdgefleetError):
-    """A release this device must not install. ``reason`` is short and stable (a counter key); ``detail`` explains."""
+    """A release this device must not install, or not now. ``reason`` is short and stable (a counter key); ``detail``
+    explains.
 
+    ``retryable`` says whether the same attempt may succeed later with nothing signed changed, which reasons alone do
+    not (``tuf_refresh_failed`` is a dead link or a forged signature): True for transient causes (the network, an HTTP
+    5xx, 408 or 429, a deadline, metadata expired until ``fleet serve`` renews it or the clock is corrected, a full
+    disk); False for what the signed bytes are (signature, threshold, rollback, hash, length), every decision on
+    signed content (revoked, incompatible, too large) and other HTTP 4xx. Retry only what says True.
+    """
 
-class DownloadDeadlineError(DownloadError):
-    """The file did not arrive within its deadline (a slow-drip server, or a link too slow for this file)."""
-
-
-class DownloadInterrupted(DownloadError):
-    """The connection broke or stalled mid-transfer; a target download resumes from where it stopped."""
+    def __init__(self, reason: str, detail: str = "", *, retryable: bool = False) -> None:
+        super().__init__(reason, detail)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -87,206 +87,6 @@ class VerifiedTarget:
     #: The signed model card: I/O schema, quantization, drift reference, smoke test, provenance.
     card: Mapping[str, Any]
     targetinfo: TargetFile = field(repr=False, compare=False)
-
-
-class ResumingFetcher(FetcherInterface):
-    """HTTP(S) for ngclient with a deadline per file, and Range resume for target files.
-
-    ngclient's default fetchers read whole files into an anonymous temporary file: a cut at 90 % restarts from zero
-    and a server dripping bytes holds the agent for as long as it likes. Here every file has a wall-clock deadline
-    that no read waits past, and target files (URLs under ``targets_url``) grow in ``partial_dir`` under a name
-    derived from the URL, resuming with ``Range`` after a cut (up to ``max_resumes`` cuts per call), within one call
-    or a later one, even after a restart. ngclient still verifies the length and hashes of what this yields; the
-    partial file is deleted once it has been yielded, verified or not, so bytes that failed verification are never
-    resumed from.
-    """
-
-    def __init__(
-        self,
-        partial_dir: Path,
-        targets_url: str,
-        deadline_s: float,
-        *,
-        read_timeout_s: float = 30.0,
-        max_resumes: int = 5,
-    ) -> None:
-        self._partial_dir = partial_dir
-        self._targets_url = targets_url
-        self._deadline_s = deadline_s
-        self._read_timeout_s = read_timeout_s
-        self._max_resumes = max_resumes
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        """Metadata: one GET under the deadline (files are small and each is bounded by ngclient)."""
-        deadline = time.monotonic() + self._deadline_s
-        conn, resp, sock = self._open(url, 0, deadline)
-        if resp.status != 200:
-            resp.close()
-            conn.close()
-            raise DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
-        return self._whole_body(conn, resp, sock, deadline)
-
-    def _whole_body(
-        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, sock: socket.socket, deadline: float
-    ) -> Iterator[bytes]:
-        try:
-            total = _content_length(resp)
-            received = 0
-            for chunk in self._chunks(resp, sock, deadline):
-                received += len(chunk)
-                yield chunk
-            if total is not None and received < total:
-                raise DownloadInterrupted(f"connection closed at byte {received} of {total}")
-        finally:
-            resp.close()
-            conn.close()
-
-    @contextmanager
-    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
-        if not url.startswith(self._targets_url):
-            with super().download_file(url, max_length) as temp_file:
-                yield temp_file
-            return
-        # Named by the path under the targets URL: hash-prefixed with consistent snapshots, so the same partial
-        # resumes from any mirror, and bytes that do not belong to it fail verification and are dropped.
-        relative = url[len(self._targets_url) :]
-        part = self._partial_dir / (hashlib.sha256(relative.encode()).hexdigest() + ".part")
-        self._fill(url, part, max_length)
-        try:
-            with open(part, "rb") as done:
-                yield done
-        finally:
-            part.unlink(missing_ok=True)
-
-    def _fill(self, url: str, part: Path, max_length: int) -> None:
-        deadline = time.monotonic() + self._deadline_s
-        cuts = 0
-        while True:
-            try:
-                self._resume(url, part, max_length, deadline)
-                return
-            except DownloadLengthMismatchError:
-                part.unlink(missing_ok=True)  # more bytes than signed: this is not the file
-                raise
-            except OSError as exc:
-                if exc.errno in _DISK_FULL:  # do not keep a full disk full for a download that cannot finish
-                    part.unlink(missing_ok=True)
-                raise
-            except DownloadInterrupted as exc:
-                cuts += 1
-                if cuts > self._max_resumes:
-                    raise
-                have = part.stat().st_size if part.exists() else 0
-                event(log, "download_resume", logging.WARNING, url=url, have=have, cuts=cuts, why=str(exc))
-
-    def _resume(self, url: str, part: Path, max_length: int, deadline: float) -> None:
-        """Append to ``part`` from where it ends; return when the server's whole file is there."""
-        have = part.stat().st_size if part.exists() else 0
-        if have > max_length:  # cannot be a prefix of this file
-            part.unlink()
-            have = 0
-        if have == max_length:  # complete from an earlier attempt; ngclient verifies it
-            return
-        conn, resp, sock = self._open(url, have, deadline)
-        try:
-            if resp.status == 206:
-                start, total = _content_range(resp.getheader("Content-Range", ""))
-                if start != have:
-                    raise DownloadError(f"{url}: server resumed at byte {start}, asked for {have}")
-                mode = "ab"
-            elif resp.status == 200:  # the server ignored Range: start over
-                start, total, mode = 0, _content_length(resp), "wb"
-            elif resp.status == 416:  # our partial is longer than the server's file: it is not this file
-                part.unlink()
-                raise DownloadInterrupted("server refused the resume range")
-            else:
-                raise DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
-            if total is not None and total > max_length:
-                raise DownloadLengthMismatchError(f"{url}: server has {total} bytes, signed length is {max_length}")
-            received = start
-            with open(part, mode) as out:
-                for chunk in self._chunks(resp, sock, deadline):
-                    received += len(chunk)
-                    if received > max_length:
-                        raise DownloadLengthMismatchError(f"{url}: more than the signed {max_length} bytes")
-                    out.write(chunk)
-            if total is not None and received < total:
-                raise DownloadInterrupted(f"connection closed at byte {received} of {total}")
-        finally:
-            resp.close()
-            conn.close()
-
-    def _open(
-        self, url: str, offset: int, deadline: float
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, socket.socket]:
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(parts.netloc)
-        elif parts.scheme == "http":
-            conn = http.client.HTTPConnection(parts.netloc)
-        else:
-            raise DownloadError(f"unsupported URL scheme {parts.scheme!r}")
-        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        wait = self._wait(deadline)
-        conn.timeout = wait
-        try:
-            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
-            sock = conn.sock
-            resp = conn.getresponse()
-        except TimeoutError as exc:
-            conn.close()
-            raise self._timed_out(wait) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise DownloadInterrupted(f"{type(exc).__name__}: {exc}") from exc
-        return conn, resp, sock
-
-    def _chunks(self, resp: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> Iterator[bytes]:
-        """Yield the body as it arrives; ``read1`` returns after one receive, so the deadline is checked often."""
-        while True:
-            wait = self._wait(deadline)
-            sock.settimeout(wait)
-            try:
-                chunk = resp.read1(_CHUNK)
-            except TimeoutError as exc:
-                raise self._timed_out(wait) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                raise DownloadInterrupted(f"{type(exc).__name__}: {exc}") from exc
-            if not chunk:
-                return
-            yield chunk
-
-    def _wait(self, deadline: float) -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DownloadDeadlineError(f"not done within {self._deadline_s} s")
-        return min(remaining, self._read_timeout_s)
-
-    def _timed_out(self, wait: float) -> DownloadError:
-        if wait < self._read_timeout_s:  # the wait was cut short by the deadline
-            return DownloadDeadlineError(f"not done within {self._deadline_s} s")
-        return DownloadInterrupted(f"no data for {wait} s")
-
-
-def _content_length(resp: http.client.HTTPResponse) -> int | None:
-    value = resp.getheader("Content-Length")
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise DownloadError(f"bad Content-Length {value[:40]!r}")
-    return int(value)
-
-
-def _content_range(value: str) -> tuple[int, int | None]:
-    """Parse ``bytes <start>-<end>/<total or *>`` into (start, total)."""
-    unit, _, spec = value.partition(" ")
-    span, _, total = spec.partition("/")
-    start, _, end = span.partition("-")
-    if unit != "bytes" or not (start.isdigit() and end.isdigit()) or not (total.isdigit() or total == "*"):
-        raise DownloadError(f"bad Content-Range {value[:60]!r}")
-    return int(start), int(total) if total.isdigit() else None
 
 
 def _pin_reference_time(updater: Updater, now: float) -> None:
@@ -326,8 +126,19 @@ def _release_metadata(info: TargetFile, name: str, version: str) -> dict[str, An
     return {**custom, "machines": tuple(machines), "card": card}
 
 
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` may not happen on a later try: see :class:`TrustError`."""
+    if isinstance(exc, DownloadHTTPError):
+        return exc.status_code >= 500 or exc.status_code in _RETRYABLE_STATUS
+    if isinstance(exc, DownloadLengthMismatchError):
+        return False
+    if isinstance(exc, OSError):
+        return is_disk_full(exc)
+    return isinstance(exc, DownloadError | ExpiredMetadataError)
+
+
 def _refresh_failed(exc: Exception) -> TrustError:
-    return TrustError("tuf_refresh_failed", f"{type(exc).__name__}: {exc}")
+    return TrustError("tuf_refresh_failed", f"{type(exc).__name__}: {exc}", retryable=_transient(exc))
 
 
 class ReleaseFetcher:
@@ -394,8 +205,10 @@ class ReleaseFetcher:
             _pin_reference_time(updater, self._clock())
             updater.refresh()
         except (RepositoryError, DownloadError, OSError) as exc:
-            event(log, "tuf_refresh_failed", logging.WARNING, error=type(exc).__name__, detail=str(exc)[:200])
-            raise _refresh_failed(exc) from exc
+            failed = _refresh_failed(exc)
+            event(log, "tuf_refresh_failed", logging.WARNING, error=type(exc).__name__, retryable=failed.retryable,
+                  detail=str(exc)[:200])  # fmt: skip
+            raise failed from exc
         return updater
 
     def resolve(self, entry: DesiredModel) -> VerifiedTarget:
@@ -446,8 +259,12 @@ class ReleaseFetcher:
     def download(self, target: VerifiedTarget, dest_dir: Path) -> Path:
         """Download and verify ``target`` into ``dest_dir/<name>-<version><suffix>`` (fsynced, renamed into place).
 
-        The result never exists half-written: ngclient copies the file into a hidden temporary name only after its
-        length and hash checks passed, and that name is renamed into place after an fsync, or removed on failure.
+        Nothing is requested unless the partial folder and ``dest_dir`` have room (``disk_full`` up front; see
+        :meth:`~agent.update.fetcher.ResumingFetcher.copying_to`). The result never exists half-written: ngclient
+        copies the file into a hidden temporary name only after its length and hash checks passed, and that name is
+        renamed into place after an fsync, or removed on failure. A file put together from resumed responses that
+        fails the checks is downloaded once more, whole (``download_range_fallback``); failing again, it is
+        ``hash_mismatch`` (or ``length_mismatch``) and never retried here.
         """
         final = dest_dir / f"{target.name}-{target.version}{SUFFIX_BY_RUNTIME[target.runtime]}"
         temp = dest_dir / f".{final.name}.download"
@@ -455,20 +272,29 @@ class ReleaseFetcher:
         started = time.monotonic()
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
-            updater.download_target(target.targetinfo, str(temp))
+            with self._fetcher.copying_to(dest_dir):
+                try:
+                    updater.download_target(target.targetinfo, str(temp))
+                except ResumedFileMismatch as exc:
+                    event(log, "download_range_fallback", logging.WARNING, url=target.path,
+                          why="hash_mismatch_after_resume", detail=str(exc)[:200])  # fmt: skip
+                    updater.download_target(target.targetinfo, str(temp))  # the partial is gone: from byte 0
             fsync_path(temp)
             os.replace(temp, final)
             fsync_path(dest_dir)
         except DownloadDeadlineError as exc:
-            raise self._failed("download_deadline", exc, target) from exc
+            raise self._failed("download_deadline", exc, target, retryable=True) from exc
         except DownloadLengthMismatchError as exc:
             raise self._failed("length_mismatch", exc, target) from exc
         except LengthOrHashMismatchError as exc:
             raise self._failed("hash_mismatch", exc, target) from exc
         except DownloadError as exc:
-            raise self._failed("download_failed", exc, target) from exc
+            raise self._failed("download_failed", exc, target, retryable=_transient(exc)) from exc
+        except NoSpace as exc:
+            raise self._failed("disk_full", exc, target, retryable=True, detail=exc.strerror) from exc
         except OSError as exc:
-            raise self._failed("disk_full" if exc.errno in _DISK_FULL else "io_error", exc, target) from exc
+            full = is_disk_full(exc)
+            raise self._failed("disk_full" if full else "io_error", exc, target, retryable=full) from exc
         finally:
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
@@ -488,7 +314,10 @@ class ReleaseFetcher:
         return TrustError(reason, detail)
 
     @staticmethod
-    def _failed(reason: str, exc: BaseException, target: VerifiedTarget) -> TrustError:
-        detail = f"{type(exc).__name__}: {exc}"[:300]
-        event(log, "download_failed", logging.WARNING, reason=reason, target=target.path, detail=detail)
-        return TrustError(reason, detail)
+    def _failed(
+        reason: str, exc: BaseException, target: VerifiedTarget, *, retryable: bool = False, detail: str | None = None
+    ) -> TrustError:
+        detail = (detail or f"{type(exc).__name__}: {exc}")[:300]
+        event(log, "download_failed", logging.WARNING, reason=reason, target=target.path, retryable=retryable,
+              detail=detail)  # fmt: skip
+        return TrustError(reason, detail, retryable=retryable)
