@@ -11,7 +11,8 @@ Each state is persisted (:class:`~agent.update.slots.SlotStore`) before its work
 instant the next start does :data:`~agent.update.states.ON_RESTART`, before any model is served and without the
 network; each start in the middle of an install counts as a restart (a clean stop does not), and at
 ``crash_loop_limit`` restarts the install is reverted instead, so a release that crashes the agent is undone even
-with no network.
+with no network. The counting goes on after the commit while the commit watch lasts (:meth:`Installer._watch_commit`):
+a committed release that crashes the agent that often is rolled back too (``crash_loop_after_commit``).
 
 Desired state: :class:`~agent.update.intake.DesiredIntake` (reactor thread) hands the newest accepted one to the
 worker thread, which reconciles each model against it, one install at a time. A newer accepted state supersedes the
