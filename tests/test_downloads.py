@@ -182,7 +182,7 @@ fetcher.download(fetcher.resolve(DesiredModel(**a["model"])), Path(a["dest"]))
 
 def kill_mid_download(r: Repo, state: Path, dest: Path, send: int, rng: random.Random) -> Path | None:
     """A child process downloads the release; the server sends ``send`` bytes in random pieces and stalls; once the
-    child has written them (or after 3 s) it is SIGKILLed. Returns the partial file left behind, if any."""
+    child has written them (or after 10 s) it is SIGKILLed. Returns the partial file left behind, if any."""
     sent, release = threading.Event(), threading.Event()
 
     def stall(handler: RepoRequestHandler, data: bytes) -> bool:
@@ -209,7 +209,7 @@ def kill_mid_download(r: Repo, state: Path, dest: Path, send: int, rng: random.R
         wait_for(lambda: sent.is_set() or child.poll() is not None, 30, "the server to send its part")
         partials = state / "tuf" / "partial"
         with contextlib.suppress(AssertionError):  # a buffered writer never gets there: measured below
-            wait_for(lambda: sum(p.stat().st_size for p in partials.glob("*")) >= send, 3, "the partial file")
+            wait_for(lambda: sum(p.stat().st_size for p in partials.glob("*")) >= send, 10, "the partial file")
         assert child.poll() is None, child.stderr.read().decode()[-2000:] if child.stderr else ""
         child.send_signal(signal.SIGKILL)
         child.wait(10)
