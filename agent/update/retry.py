@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Reasons whose cause passes by itself, whatever the error that carried them.
-RETRYABLE_REASONS = frozenset({"disk_full", "io_error", "download_failed", "download_deadline"})
+#: Reasons whose cause passes by itself, whatever the error that carried them. The TUF client's errors say it for
+#: themselves (``TrustError.retryable``: a 503 is worth another try, a 404 is not, though both fail the download).
+RETRYABLE_REASONS = frozenset({"disk_full", "io_error"})
 #: The share of a delay that jitter may take off.
 JITTER = 0.2
 
