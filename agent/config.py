@@ -298,7 +298,7 @@ def _update(data: dict[str, Any], base: Path) -> UpdateConfig | None:
         probation_s=number("probation_s", defaults.probation_s, 0.1, 7 * 86400),
         max_error_rate=number("max_error_rate", defaults.max_error_rate, 0, 1),
         crash_loop_limit=count("crash_loop_limit", defaults.crash_loop_limit, 1, 100),
-        commit_watch_s=number("commit_watch_s", defaults.commit_watch_s, 0, 30 * 86400),
+        commit_watch_s=number("commit_watch_s", defaults.commit_watch_s, 0, 7 * 86400),
         retry_min_s=retry_min_s,
         retry_max_s=number("retry_max_s", defaults.retry_max_s, retry_min_s, 7 * 86400),
     )

@@ -41,7 +41,7 @@ from test_install import (
 from test_install_table import Bench, StandInHost, bench, idle_totals, install_to_probation
 
 from agent.cli import EXIT_BUSY
-from agent.config import UpdateConfig
+from agent.config import ConfigError, parse
 from agent.faults import FAULT_SEGV_WHEN
 from agent.update.install import Installer
 from agent.update.probation import commit_watch_s
@@ -192,9 +192,15 @@ def start(bench_: Bench, offset: float = 0.0) -> tuple[ClockedHost, Installer]:
     return host, installer
 
 
-def test_the_commit_watch_lasts_what_the_signed_card_or_the_config_says() -> None:
-    config = UpdateConfig("https://releases.example", Path("root.json"), Path("director.json"))
-    assert config.commit_watch_s == 3600.0
+def test_the_commit_watch_lasts_what_the_signed_card_or_the_config_says(tmp_path: Path) -> None:
+    base = {"device_id": "dev-1", "state_dir": "state", "mqtt": {"broker": "mqtt://127.0.0.1:1883"}}
+    update = {"repo_url": "https://releases.example", "trusted_root": "root.json", "director_key": "director.json"}
+    config, off = (
+        parse({**base, "update": {**update, **extra}}, tmp_path).update for extra in ({}, {"commit_watch_s": 0})
+    )
+    assert config is not None and off is not None and (config.commit_watch_s, off.commit_watch_s) == (3600.0, 0.0)
+    with pytest.raises(ConfigError, match=r"\[update\] commit_watch_s must be between 0 and 604800, got -1"):
+        parse({**base, "update": {**update, "commit_watch_s": -1}}, tmp_path)
     assert commit_watch_s({}, config) == 3600.0
     assert commit_watch_s({"probation": {"watch_s": 600}}, config) == 600.0  # the signed card wins
     assert commit_watch_s({"probation": {"watch_s": -1}}, config) == 3600.0  # a nonsense value does not

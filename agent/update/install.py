@@ -232,7 +232,8 @@ class Installer:
         if not 0 <= elapsed < commit_watch_s(_signed_card(active), self._config):
             self._save(name, replace(rec, watch_over=True, restarts=0))
             return
-        rec = replace(rec, starts_since_commit=rec.starts_since_commit + 1, restarts=rec.restarts + unclean)
+        starts, restarts = rec.starts_since_commit + 1, rec.restarts + (1 if unclean else 0)
+        rec = replace(rec, starts_since_commit=starts, restarts=restarts)
         if unclean:
             self._host.emit("unclean_restart", model=name, release=rec.release, restarts=rec.restarts, limit=limit,
                             since_commit_s=round(elapsed, 3))  # fmt: skip
