@@ -92,7 +92,7 @@ def assign_command(
     with contextlib.closing(open_store(home, write=True)) as store:
         done = ops_assign.assign(
             store,
-            open_repository(home),
+            open_repository(home, store),
             connect,
             device_ids,
             *ref,

@@ -12,9 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet import views
-from fleet.cli.common import echo_json, home_option, json_option, open_store
+from fleet.cli.common import echo_json, home_option, json_option, open_repository, open_store
 from fleet.errors import FleetError
-from fleet.home import resolve_home
 from fleet.ops import releases
 
 
@@ -38,7 +37,7 @@ def audit(verify: bool, home: Path | None, as_json: bool) -> None:
     with contextlib.closing(open_store(home)) as store:
         entries = store.audit()
         check = store.verify_audit() if verify else None
-        repository = releases.open_repository(resolve_home(home), store) if verify else None
+        repository = open_repository(home, store) if verify else None
         history = None if repository is None else releases.verify(repository)
     if as_json:
         echo_json(

@@ -20,6 +20,7 @@ from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from fleet.errors import FleetError, StoreUnavailable
 from fleet.home import HOME_ENV, Home, resolve_home, running_serve
+from fleet.ops import releases
 from fleet.publisher import DesiredPublisher
 from fleet.store import Store
 from fleet.store import open_store as store_at
@@ -82,9 +83,10 @@ def open_store(home: Path | None, *, write: bool = False) -> Store:
     return store_at(db)
 
 
-def open_repository(home: Path | None) -> Repository:
-    """The TUF repository of an existing home."""
-    return Repository(resolve_home(home))
+def open_repository(home: Path | None, store: Store) -> Repository:
+    """The TUF repository of an existing home, checked on every load against what ``store`` recorded after the fleet's
+    last change to it (an old backup put back is refused by every command, not only by some)."""
+    return releases.open_repository(resolve_home(home), store)
 
 
 def actor() -> str:

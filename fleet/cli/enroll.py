@@ -111,7 +111,8 @@ def enroll(
         model_file=model_file,
     )
     with contextlib.closing(open_store(home, write=True)) as store:
-        done = enroll_device(store, open_repository(home), device_id, out_dir, settings, actor=actor(), force=force)
+        repository = open_repository(home, store)
+        done = enroll_device(store, repository, device_id, out_dir, settings, actor=actor(), force=force)
     for warning in done.warnings:
         click.echo(f"warning: {warning}", err=True)
     summary = done.summary

@@ -24,12 +24,10 @@ from fleet.cli.common import (
     echo_json,
     home_option,
     json_option,
+    open_repository,
     open_store,
 )
-from fleet.home import resolve_home
 from fleet.ops import releases
-from fleet.store import Store
-from fleet.trust.repository import Repository
 
 #: Models this large get a progress bar while they are copied and hashed (on a terminal only).
 _PROGRESS_BYTES = 16 * 2**20
@@ -38,10 +36,6 @@ _PROGRESS_BYTES = 16 * 2**20
 @click.group()
 def release() -> None:
     """Publish, list, show, revoke and verify signed model releases."""
-
-
-def _repository(home: Path | None, store: Store) -> Repository:
-    return releases.open_repository(resolve_home(home), store)
 
 
 @release.command()
@@ -84,7 +78,7 @@ def publish(
     show = size >= _PROGRESS_BYTES and sys.stderr.isatty()
     with contextlib.closing(open_store(home, write=True)) as store, bar if show else contextlib.nullcontext():
         info, warnings = releases.publish(
-            _repository(home, store),
+            open_repository(home, store),
             store,
             model_file,
             name,
@@ -113,7 +107,7 @@ def list_releases(home: Path | None, as_json: bool) -> None:
     Exit 1 if the repository is not the history the fleet wrote (see `fleet release verify`).
     """
     with contextlib.closing(open_store(home)) as store:
-        found = _repository(home, store).releases()
+        found = open_repository(home, store).releases()
     if as_json:
         echo_json(found)
         return
@@ -137,7 +131,7 @@ def list_releases(home: Path | None, as_json: bool) -> None:
 def show(ref: tuple[str, str], home: Path | None, as_json: bool) -> None:
     """Show one release: target, hash, counters, hardware and its signed model card. Exit code 3 if unknown."""
     with contextlib.closing(open_store(home)) as store:
-        info = _repository(home, store).release(*ref)
+        info = open_repository(home, store).release(*ref)
     if as_json:
         echo_json(info)
         return
@@ -163,7 +157,7 @@ def revoke(ref: tuple[str, str], home: Path | None, as_json: bool) -> None:
     """
     name, version = ref
     with contextlib.closing(open_store(home, write=True)) as store:
-        info, changed = releases.revoke(_repository(home, store), store, name, version, actor=actor())
+        info, changed = releases.revoke(open_repository(home, store), store, name, version, actor=actor())
     if as_json:
         echo_json({**info.as_dict(), "changed": changed})
         return
@@ -185,7 +179,7 @@ def verify(home: Path | None, as_json: bool) -> None:
     "findings": [{"reason", "file", "detail", "fatal"}]}.
     """
     with contextlib.closing(open_store(home)) as store:
-        repository = _repository(home, store)
+        repository = open_repository(home, store)
         report = releases.verify(repository)
     if as_json:
         echo_json(report.as_dict())
