@@ -33,7 +33,7 @@ from agent.config import AgentConfig, ModelConfig, UpdateConfig
 from agent.core import AgentCore
 from agent.reactor import Reactor
 from agent.telemetry import WindowAggregator
-from agent.update.install import FAULT_KILL_AT
+from agent.update.journal import FAULT_KILL_AT
 from agent.update.probation import ProbationLimits
 from agent.update.smoke import FAULT_SMOKE, run_smoke_test
 from fleet.broker import MosquittoBroker, free_port

@@ -22,8 +22,11 @@ from fleet_fixtures import Fleet, wait_for
 from agent.config import ModelConfig, UpdateConfig
 from agent.protocol import LATENCY_EDGES_MS, Kind
 from agent.telemetry import Totals
+from agent.update.desired import DesiredState
 from agent.update.host import InstallHost
+from agent.update.inbox import Inbox, Work
 from agent.update.install import Installer
+from agent.update.probation import Watch, watch_start
 from agent.update.record import InstallRecord
 from agent.update.slots import SlotStore
 from agent.update.states import (
@@ -82,6 +85,50 @@ def test_a_move_the_table_lacks_is_refused_as_an_internal_error(state: State, ev
         next_state(state, event)
     assert refused.value.reason == "internal_error"
     assert refused.value.detail == f"{state.value} --{event.value}--> is not a transition"
+
+
+def committed_record(ts: float) -> InstallRecord:
+    outcome = {"outcome": "install_committed", "release": "digits:1.1.0", "seq": 1, "ts": ts, "reported": True}
+    return InstallRecord(state=State.COMMITTED, outcome=outcome)
+
+
+def test_the_commit_watch_counts_unclean_starts_until_the_limit_then_rolls_back() -> None:
+    rec, verdicts = committed_record(1000.0), []
+    for _ in range(3):
+        verdict, rec = watch_start(rec, now=1010.0, window_s=3600, limit=3, unclean=True)
+        verdicts.append(verdict)
+    assert verdicts == [Watch.ON, Watch.ON, Watch.CRASH_LOOP] and rec.restarts == 3
+
+
+def test_the_commit_watch_ends_with_its_window_its_start_cap_or_a_clock_outside_it_and_stays_over() -> None:
+    for now in (1000.0 + 3600, 999.0):  # the window passed; the clock set back before the commit
+        verdict, rec = watch_start(committed_record(1000.0), now=now, window_s=3600, limit=3, unclean=True)
+        assert (verdict, rec.watch_over, rec.restarts) == (Watch.ENDED, True, 0)
+        assert watch_start(rec, now=1001.0, window_s=3600, limit=3, unclean=True)[0] is Watch.OFF
+    rec, verdicts = committed_record(1000.0), []
+    for unclean in (False, True, False, True, False, False):  # clean stops do not count; 2 x limit starts end it
+        verdict, rec = watch_start(rec, now=1001.0, window_s=3600, limit=3, unclean=unclean)
+        verdicts.append(verdict)
+    assert verdicts == [Watch.ON] * 5 + [Watch.LAST] and rec.watch_over
+    assert watch_start(InstallRecord(), now=0.0, window_s=3600, limit=3, unclean=True)[0] is Watch.OFF
+
+
+def test_the_inbox_keeps_the_newest_desired_state_and_wakes_for_retries_as_they_fall_due() -> None:
+    now = [0.0]
+    inbox = Inbox(clock=lambda: now[0])
+    older, newer = (DesiredState("d", seq, 0.0, 1.0, "c", {}) for seq in (1, 2))
+    inbox.put(older)
+    inbox.put(newer)
+    inbox.retry("digits", 30.0)
+    assert inbox.take() == Work(newer, frozenset())
+    assert inbox.due_in("digits") == 30.0
+    now[0] = 30.0
+    assert inbox.take() == Work(None, frozenset({"digits"}))
+    assert inbox.due_in("digits") is None
+    inbox.retry("digits", 5.0)
+    inbox.cancel("digits")
+    inbox.stop()
+    assert inbox.take() is None
 
 
 def test_every_state_is_reachable_has_a_restart_action_and_leads_back_to_rest() -> None:

@@ -7,7 +7,7 @@ with ``Event.DONE``; every move goes through :func:`~agent.update.states.next_st
 (else the factory model). The outcome event is ``install_failed`` when the release never served, ``rolled_back``
 when it did. The installer knows the agent only as an :class:`~agent.update.host.InstallHost`.
 
-Each state is persisted (:class:`~agent.update.slots.SlotStore`) before its work begins. After a SIGKILL at any
+Each state is persisted (:class:`~agent.update.journal.Journal`) before its work begins. After a SIGKILL at any
 instant the next start does :data:`~agent.update.states.ON_RESTART`, before any model is served and without the
 network; each start in the middle of an install counts as a restart (a clean stop does not), and at
 ``crash_loop_limit`` restarts the install is reverted instead, so a release that crashes the agent is undone even
@@ -15,7 +15,8 @@ with no network. The counting goes on after the commit while the commit watch la
 a committed release that crashes the agent that often is rolled back too (``crash_loop_after_commit``).
 
 Desired state: :class:`~agent.update.intake.DesiredIntake` (reactor thread) hands the newest accepted one to the
-worker thread, which reconciles each model against it, one install at a time. A newer accepted state supersedes the
+worker thread (through its :class:`~agent.update.inbox.Inbox`), which reconciles each model against it, one install
+at a time. A newer accepted state supersedes the
 install under way at its next step (downloads and smoke tests finish or time out first).
 
 Retries: an install that failed for a passing cause (a full disk, the network, metadata expired by a wrong clock: see
@@ -26,18 +27,13 @@ which the retry resumes.
 Events: ``desired_rejected`` (reason), ``desired_deferred``, ``desired_accepted``, ``install_state`` on every
 transition, one outcome per install: ``install_committed``, ``install_failed`` or ``rolled_back`` (with reason and
 detail), and ``install_retry_scheduled`` (reason, attempt, in_s) after a failure that will be tried again.
-
-Test hook: ``EDGEFLEET_FAULT_KILL_AT=<STATE>`` makes the agent SIGKILL itself right after it persisted (and
-evented) that state, to prove the restart table. Never set it in production.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import signal
 import sqlite3
 import threading
 import time
@@ -58,22 +54,21 @@ from agent.protocol import Kind
 from agent.targets import parse_target_path
 from agent.update.desired import DesiredModel, DesiredState, DesiredStateError, load_director_key
 from agent.update.host import InstallHost
+from agent.update.inbox import DEFERRED_STATE, Inbox
 from agent.update.intake import DesiredIntake
-from agent.update.probation import ProbationLimits, commit_watch_s
-from agent.update.record import InstallRecord, install_status, release_name
+from agent.update.journal import Journal
+from agent.update.probation import ProbationLimits, Watch, commit_watch_s, watch_start
+from agent.update.record import release_name
 from agent.update.retry import Backoff, is_retryable
 from agent.update.slots import ModelSlots, SlotRecord, SlotStore, factory_record, file_problem, slot_problem
 from agent.update.smoke import run_smoke_test
-from agent.update.states import AT_REST, ON_RESTART, Event, IllegalTransition, Restart, State, next_state
+from agent.update.states import AT_REST, ON_RESTART, Event, IllegalTransition, Restart, State
 from agent.update.tuf_client import ReleaseFetcher, TrustError, VerifiedTarget
 
 log = logging.getLogger(__name__)
 
-#: The test hook's environment variable (see the module docstring).
-FAULT_KILL_AT = "EDGEFLEET_FAULT_KILL_AT"
 #: How often probation looks at the new release's counters.
 PROBATION_POLL_S = 0.1
-_DETAIL_CHARS = 300
 
 T = TypeVar("T")
 
@@ -140,11 +135,9 @@ class Installer:
             clock=host.clock,
         )
         self._factory_records = {m.name: factory_record(m) for m in models}
-        self._slots: dict[str, ModelSlots] = {}
-        self._records: dict[str, InstallRecord] = {}
-        for m in models:
-            slots, stored = self._store.load(m.name)
-            self._slots[m.name], self._records[m.name] = slots, InstallRecord.from_dict(stored)
+        self._inbox = Inbox()
+        self._journal = Journal(host, self._store, self._factory, self._factory_records, self._inbox.due_in)
+        self._records, self._slots = self._journal.records, self._journal.slots  # what was last persisted
         self._steps: Mapping[State, Callable[[str, _Job], _Entry]] = {
             State.DOWNLOADING: self._fetch,
             State.VERIFYING: self._verify,
@@ -153,21 +146,11 @@ class Installer:
             State.ACTIVATING: self._activate,
             State.PROBATION: self._probation,
         }
-        self._status: dict[str, dict[str, Any]] = {}
-        self._status_lock = threading.Lock()
-        self._wake = threading.Condition()
-        self._todo: DesiredState | None = None
-        self._stopping = False
         self._thread: threading.Thread | None = None
-        self._kill_at = os.environ.get(FAULT_KILL_AT)
         self._backoff = Backoff(config.retry_min_s, config.retry_max_s)
         self._rng = random.Random()
-        #: When (time.monotonic) each model's failed install is tried again, and the deferred desired state ("").
-        self._retry_due: dict[str, float] = {}
         self._deferred_attempts = 0
-        self._intake = DesiredIntake(
-            host, self._store, director_key, self._factory, self._hand_over, self._intake_deferred
-        )
+        self._intake = DesiredIntake(host, self._store, director_key, self._factory, self._inbox.put, self._deferred)
 
     # -- start-up (host constructor) ----------------------------------------------------------------------------
 
@@ -183,9 +166,9 @@ class Installer:
         rec = self._records[name]
         action = ON_RESTART[rec.state]
         if action in (Restart.NOTHING, Restart.WATCH_COMMIT):
-            self._save(name, replace(rec, clean_stop=False))  # this run's own stop is still to come
+            self._journal.save(name, replace(rec, clean_stop=False))  # this run's own stop is still to come
             if rec.outcome and not rec.outcome.get("reported"):
-                self._report(name)  # the last run stopped between persisting an outcome and eventing it
+                self._journal.report(name)  # the last run stopped between persisting an outcome and eventing it
             if action is Restart.WATCH_COMMIT:
                 self._watch_commit(name, unclean=not rec.clean_stop)
             return
@@ -200,51 +183,39 @@ class Installer:
             detail = f"{rec.restarts} agent restarts in {rec.state.value}"
             self._revert(name, "crash_loop", detail, revert_active=rec.state is State.PROBATION)
             return
-        self._save(name, rec)
-        self._fault_point(rec.state)
+        self._journal.save(name, rec)
+        self._journal.fault_point(rec.state)
         if action is Restart.COMPLETE_ACTIVATION:
             slots = self._slots[name]
             problem = slot_problem(slots.staged) if slots.staged else "missing"
             if problem:
                 self._revert(name, "staged_damaged", problem, revert_active=False)
             else:
-                self._enter(name, Event.DONE, slots=ModelSlots(active=slots.staged, previous=slots.active))
+                self._journal.enter(name, Event.DONE, slots=ModelSlots(active=slots.staged, previous=slots.active))
 
     def _watch_commit(self, name: str, *, unclean: bool) -> None:
-        """A start in COMMITTED: while the commit watch lasts, an unclean start (no clean stop recorded) counts in
-        ``restarts`` as during an install, and at ``crash_loop_limit`` the committed release is rolled back to
-        ``previous`` (``crash_loop_after_commit``) before anything is served: a release that crashes the runtime
-        only on some inputs passes its smoke test and probation, then takes the agent down at every such request.
-
-        The watch lasts :func:`~agent.update.probation.commit_watch_s` from the commit by the device clock, and at
-        most ``2 * crash_loop_limit`` starts, so a clock set back (or stuck) cannot make it last for ever; a start
-        that finds the clock outside the window ends it. Once over, it stays over until the next commit.
-        """
-        rec = self._records[name]
-        last = rec.outcome or {}
-        committed = last.get("outcome") == "install_committed" and not last.get("unchanged")
-        if committed and last["ts"] != rec.watched_commit:  # the first start since this commit: a new watch
-            rec = replace(rec, watched_commit=last["ts"], starts_since_commit=0, watch_over=False, restarts=0)
+        """A start in COMMITTED while the commit watch lasts (:func:`~agent.update.probation.watch_start`): a release
+        that crashes the runtime only on some inputs passes its smoke test and probation, then takes the agent down
+        at every such request; at ``crash_loop_limit`` unclean starts it is rolled back to ``previous``
+        (``crash_loop_after_commit``) before anything is served."""
         active = self._slots[name].active
-        if rec.watched_commit is None or rec.watch_over or active is None:
+        if active is None:
             return
-        limit, elapsed = self._config.crash_loop_limit, self._host.clock() - rec.watched_commit
-        if not 0 <= elapsed < commit_watch_s(_signed_card(active), self._config):
-            self._save(name, replace(rec, watch_over=True, restarts=0))
+        window_s, limit = commit_watch_s(_signed_card(active), self._config), self._config.crash_loop_limit
+        now = self._host.clock()
+        watch, rec = watch_start(self._records[name], now=now, window_s=window_s, limit=limit, unclean=unclean)
+        if watch is Watch.OFF:
             return
-        starts, restarts = rec.starts_since_commit + 1, rec.restarts + (1 if unclean else 0)
-        rec = replace(rec, starts_since_commit=starts, restarts=restarts)
-        if unclean:
+        elapsed = now - (rec.watched_commit or now)
+        if unclean and watch is not Watch.ENDED:
             self._host.emit("unclean_restart", model=name, release=rec.release, restarts=rec.restarts, limit=limit,
                             since_commit_s=round(elapsed, 3))  # fmt: skip
-        if rec.restarts >= limit:
+        if watch is Watch.CRASH_LOOP:
             self._records[name] = rec
             detail = f"{rec.restarts} unclean agent restarts within {elapsed:.0f} s of its commit"
             self._revert(name, "crash_loop_after_commit", detail, revert_active=True)
-        elif rec.starts_since_commit >= 2 * limit:
-            self._save(name, replace(rec, watch_over=True, restarts=0))
         else:
-            self._save(name, rec)
+            self._journal.save(name, rec)
 
     def _serve_active(self, name: str, load: Callable[[ModelConfig], T]) -> T:
         """Load the active slot if it verifies and loads; else revert to the next fallback, down to the factory."""
@@ -262,19 +233,17 @@ class Installer:
 
     def start(self) -> None:
         """Start the worker; it first reconciles the last accepted desired state (resuming what a crash cut)."""
-        self._todo = self._intake.accepted
-        with self._wake:  # a retry the last run scheduled waits one first step of the back-off after a start
-            for name, rec in self._records.items():
-                if rec.retry_in_s is not None:
-                    self._retry_due[name] = time.monotonic() + min(rec.retry_in_s, self._backoff.min_s)
+        if self._intake.accepted is not None:
+            self._inbox.put(self._intake.accepted)
+        for name, rec in self._records.items():  # a retry the last run scheduled waits the back-off's first step
+            if rec.retry_in_s is not None:
+                self._inbox.retry(name, min(rec.retry_in_s, self._backoff.min_s))
         self._thread = threading.Thread(target=self._run, name=f"install-{self._host.device_id}", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker at its next step; an install under way stays persisted and resumes at the next start."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
+        self._inbox.stop()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():  # blocked in a download or a smoke test: it dies with the process
@@ -293,59 +262,34 @@ class Installer:
         """A message on the device's desired or cmd topic (see :class:`~agent.update.intake.DesiredIntake`)."""
         self._intake.on_command(kind, payload)
 
-    def _hand_over(self, desired: DesiredState) -> None:
-        with self._wake:
-            self._todo = desired
-            self._wake.notify_all()
-
-    def _intake_deferred(self) -> None:
+    def _deferred(self) -> None:
         """A full disk kept a desired state from being persisted: try it again with back-off."""
-        with self._wake:
-            self._deferred_attempts += 1
-            delay = self._backoff.delay(self._deferred_attempts, self._rng.random())
-            self._retry_due[""] = time.monotonic() + delay
-            self._wake.notify_all()
+        self._deferred_attempts += 1
+        self._inbox.retry(DEFERRED_STATE, self._backoff.delay(self._deferred_attempts, self._rng.random()))
 
     # -- the worker ---------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                due = self._take_due()
-                while self._todo is None and not self._stopping and not due:
-                    self._wake.wait(min(self._retry_due.values(), default=time.monotonic() + 3600) - time.monotonic())
-                    due = self._take_due()
-                if self._stopping:
-                    return
-                desired, self._todo = self._todo, None
-            if "" in due and not self._intake.retry_deferred():
+        while (work := self._inbox.take()) is not None:
+            if DEFERRED_STATE in work.due and not self._intake.retry_deferred():
                 self._deferred_attempts = 0
-            desired = desired or self._intake.accepted
+            desired = work.desired or self._intake.accepted
             if desired is None:
                 continue
             try:
-                self._reconcile(desired, retry=due)
+                self._reconcile(desired, retry=work.due)
             except _Stopping:
                 return
             except Exception:  # a bug must not end updates for good: report it, wait for the next desired state
                 event(log, "install_worker_failed", logging.ERROR, device_id=self._host.device_id, exc_info=True)
-
-    def _take_due(self) -> frozenset[str]:
-        """The retries whose time has come (taken off the schedule); call with ``_wake`` held."""
-        now = time.monotonic()
-        due = frozenset(name for name, when in self._retry_due.items() if when <= now)
-        for name in due:
-            del self._retry_due[name]
-        return due
 
     def _reconcile(self, desired: DesiredState, retry: frozenset[str] = frozenset()) -> None:
         """Bring each model to what ``desired`` says, one at a time; return early when a newer state is waiting.
 
         A model in ``retry`` tries its failed install again; the others act only on a new seq or target."""
         for name in sorted(self._factory):
-            with self._wake:
-                if self._todo is not None:
-                    return
+            if self._inbox.newest is not None:
+                return
             entry = desired.models.get(name)
             rec = self._records[name]
             if rec.state not in AT_REST:
@@ -359,12 +303,11 @@ class Installer:
             again = rec.seq == desired.seq and rec.target == entry
             if entry is None or (again and name not in retry):
                 continue  # not asked for, or already acted on (whatever the outcome): a new seq or a due retry
-            with self._wake:
-                self._retry_due.pop(name, None)
+            self._inbox.cancel(name)
             if self._is_active(name, entry):
-                outcome = self._outcome("install_committed", entry, desired.seq, unchanged=True)
-                self._save(name, replace(rec, seq=desired.seq, target=entry, outcome=outcome))
-                self._report(name)
+                outcome = self._journal.committed(entry, desired.seq, unchanged=True)
+                self._journal.save(name, replace(rec, seq=desired.seq, target=entry, outcome=outcome))
+                self._journal.report(name)
                 continue
             self._records[name] = replace(rec, seq=desired.seq, target=entry, restarts=0,
                                           retries=rec.retries if again else 0, retry_in_s=None)  # fmt: skip
@@ -401,7 +344,7 @@ class Installer:
     def _failure(self, name: str, exc: Exception) -> tuple[str, str, bool]:
         """(reason, detail, transient) of what ended an install."""
         if isinstance(exc, InstallError | TrustError | IllegalTransition):
-            return exc.reason, exc.detail, bool(getattr(exc, "retryable", False))
+            return exc.reason, exc.detail, isinstance(exc, TrustError) and exc.retryable
         if isinstance(exc, _Superseded):
             return "superseded", str(exc), False
         detail = f"{type(exc).__name__}: {exc}"
@@ -409,7 +352,7 @@ class Installer:
             return "disk_full", detail, True
         if isinstance(exc, OSError):
             return "io_error", detail, True
-        if self._stopping:  # e.g. the outbox closed under an emit during shutdown
+        if self._inbox.stopping:  # e.g. the outbox closed under an emit during shutdown
             self._stopped(name)
             raise _Stopping from exc
         event(log, "install_internal_error", logging.ERROR, model=name, exc_info=exc)
@@ -420,15 +363,15 @@ class Installer:
         rec = self._records[name]
         attempt = rec.retries + 1
         delay = round(self._backoff.delay(attempt, self._rng.random()), 3)
-        with self._wake:
-            self._retry_due[name] = time.monotonic() + delay
+        self._inbox.retry(name, delay)
         scheduled = replace(rec, retries=attempt, retry_in_s=delay)
         try:
-            self._save(name, scheduled)
+            self._journal.save(name, scheduled)
         except (OSError, sqlite3.OperationalError) as exc:
             if not is_disk_full(exc):
                 raise
             self._records[name] = scheduled  # kept in memory only: a restart retries at once
+            self._journal.status_changed(name)
         self._host.emit("install_retry_scheduled", model=name, release=rec.release, seq=rec.seq, reason=reason,
                         attempt=attempt, in_s=delay)  # fmt: skip
 
@@ -436,11 +379,11 @@ class Installer:
         """Take ``begin`` (START a new install, RESUME one a restart cut before activation, or None to go on in the
         state it is in), then run each state's step and move on by the table until the install is at rest."""
         if begin is not None:
-            self._enter(name, begin)
+            self._journal.enter(name, begin)
         job = _Job()
         while (state := self._records[name].state) not in AT_REST:
             done = self._steps[state](name, job)
-            self._enter(name, Event.DONE, slots=done.slots, outcome=done.outcome)
+            self._journal.enter(name, Event.DONE, slots=done.slots, outcome=done.outcome)
         self._store.collect_garbage(name, self._slots[name])
 
     # -- the steps: each runs in its persisted state and returns what to persist with the next --------------------
@@ -499,12 +442,8 @@ class Installer:
     def _probation(self, name: str, _job: _Job) -> _Entry:
         """PROBATION: watch the served release from zero until it is healthy for N inferences or T seconds."""
         active = self._slots[name].active
-        assert active is not None and active.card is not None
-        try:
-            card = json.loads(active.card.read_text())
-        except (OSError, ValueError):
-            card = {}
-        limits = ProbationLimits.for_release(card, self._config)
+        assert active is not None
+        limits = ProbationLimits.for_release(_signed_card(active), self._config)
         started = time.monotonic()  # not the device clock: setting it back must not stretch or cut probation
         while True:
             totals = self._host.totals(name)
@@ -517,22 +456,19 @@ class Installer:
         rec = self._records[name]
         assert rec.target is not None
         seconds = round(time.monotonic() - started, 3)
-        outcome = self._outcome("install_committed", rec.target, rec.seq, inferences=totals.count,
-                                errors=totals.errors, seconds=seconds)  # fmt: skip
+        outcome = self._journal.committed(rec.target, rec.seq, inferences=totals.count, errors=totals.errors,
+                                          seconds=seconds)  # fmt: skip
         return _Entry(outcome=outcome)
 
     def _check(self, name: str) -> None:
-        with self._wake:
-            stopping, newest = self._stopping, self._todo
-        if stopping:
+        newest = self._inbox.newest
+        if self._inbox.stopping:
             raise _Stopping
         if newest is not None and newest.models.get(name) != self._records[name].target:
             raise _Superseded(f"desired state {newest.seq} wants another release")
 
     def _pause(self, name: str) -> None:
-        with self._wake:
-            if not self._stopping:
-                self._wake.wait(PROBATION_POLL_S)
+        self._inbox.pause(PROBATION_POLL_S)
         self._check(name)
 
     def _stopped(self, name: str) -> None:
@@ -540,7 +476,7 @@ class Installer:
         that is still watched (:meth:`_watch_commit`)."""
         rec = self._records[name]
         if rec.state is not State.IDLE and not rec.clean_stop:
-            self._save(name, replace(rec, clean_stop=True))
+            self._journal.save(name, replace(rec, clean_stop=True))
 
     # -- failure and revert -------------------------------------------------------------------------------------
 
@@ -554,7 +490,7 @@ class Installer:
             self._serve_active(name, self._host.activate)
 
     def _revert(self, name: str, reason: str, detail: str, *, revert_active: bool) -> None:
-        self._enter(name, Event.FAIL, reason=reason, detail=detail, revert_active=revert_active)
+        self._journal.enter(name, Event.FAIL, reason=reason, detail=detail, revert_active=revert_active)
         self._finish_revert(name)
 
     def _finish_revert(self, name: str) -> None:
@@ -572,78 +508,13 @@ class Installer:
         else:
             failed, kind, extra = rec.release, "install_failed", {}
             slots = replace(slots, staged=None)
-        outcome = {"outcome": kind, "release": failed, "seq": rec.seq, "reason": rec.reason, "detail": rec.detail,
-                   "ts": self._host.clock(), "reported": False, **extra}  # fmt: skip
-        self._enter(name, Event.DONE, slots=slots, reason=rec.reason, detail=rec.detail, outcome=outcome)
+        outcome = self._journal.outcome(kind, failed, rec.seq, reason=rec.reason, detail=rec.detail, **extra)
+        self._journal.enter(name, Event.DONE, slots=slots, reason=rec.reason, detail=rec.detail, outcome=outcome)
         self._store.collect_garbage(name, slots)
-
-    def _outcome(self, kind: str, entry: DesiredModel, seq: int, **extra: Any) -> dict[str, Any]:
-        return {"outcome": kind, "release": release_name(entry), "seq": seq, "reason": "", "detail": "",
-                "ts": self._host.clock(), "reported": False, **extra}  # fmt: skip
-
-    def _report(self, name: str) -> None:
-        """Event the record's outcome, then mark it reported: a crash in between reports it again at the next start."""
-        rec = self._records[name]
-        assert rec.outcome is not None
-        fields = {k: v for k, v in rec.outcome.items() if k not in ("outcome", "ts", "reported")}
-        self._host.emit(rec.outcome["outcome"], model=name, **fields)
-        self._save(name, replace(rec, outcome={**rec.outcome, "reported": True}))
-
-    # -- persistence --------------------------------------------------------------------------------------------
-
-    def _enter(
-        self,
-        name: str,
-        happened: Event,
-        *,
-        slots: ModelSlots | None = None,
-        reason: str = "",
-        detail: str = "",
-        revert_active: bool | None = None,
-        outcome: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Take the table's move for ``happened``: persist the new state (with any slot change, atomically), then
-        event it."""
-        rec = self._records[name]
-        state = next_state(rec.state, happened)
-        detail = detail[:_DETAIL_CHARS]
-        rec = replace(
-            rec,
-            state=state,
-            reason=reason,
-            detail=detail,
-            restarts=0 if state in AT_REST else rec.restarts,
-            revert_active=rec.revert_active if revert_active is None else revert_active,
-            outcome=outcome or rec.outcome,
-            **({"retries": 0, "retry_in_s": None} if state is State.COMMITTED else {}),
-        )
-        self._save(name, rec, slots)
-        self._host.emit("install_state", model=name, state=state.value, release=rec.release, seq=rec.seq,
-                        reason=reason, **({"detail": detail} if detail else {}))  # fmt: skip
-        if outcome is not None:
-            self._report(name)
-        self._fault_point(state)
-
-    def _save(self, name: str, rec: InstallRecord, slots: ModelSlots | None = None) -> None:
-        """Persist first; only then does the in-memory state (and what status shows) move."""
-        slots = slots or self._slots[name]
-        self._store.save(name, slots, rec.to_dict())
-        self._records[name], self._slots[name] = rec, slots
-        due = self._retry_due.get(name)
-        retry_at = None if due is None else self._host.clock() + max(0.0, due - time.monotonic())
-        with self._status_lock:
-            self._status[name] = install_status(rec, slots, self._factory_records[name], retry_at)
-        self._host.status_changed()
-
-    def _fault_point(self, state: State) -> None:
-        if self._kill_at == state.value:
-            event(log, "fault_injected", logging.WARNING, hook=FAULT_KILL_AT, state=state.value)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def model_status(self, name: str) -> dict[str, Any]:
         """Slots (release, sha256 prefix) and the install state with its last outcome, for status output."""
-        with self._status_lock:
-            return dict(self._status.get(name, {}))
+        return self._journal.status(name)
 
 
 def _signed_card(record: SlotRecord) -> dict[str, Any]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 from agent.config import UpdateConfig
 from agent.histograms import latency_quantile_ms
 from agent.telemetry import Totals
+from agent.update.record import InstallRecord
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,48 @@ def commit_watch_s(card: Mapping[str, Any], config: UpdateConfig) -> float:
     card's signed ``probation.watch_s`` where it has one, else ``[update] commit_watch_s``; 0 ends the watch at
     commit."""
     return float(_pick(_section(card, "probation").get("watch_s"), config.commit_watch_s))
+
+
+class Watch(Enum):
+    """What a start in COMMITTED found of the commit watch (:func:`watch_start`)."""
+
+    #: No watch: no commit since the last one ended, or it is over.
+    OFF = "off"
+    #: The watch ended at this start (the window passed, or the clock is outside it); the start was not counted.
+    ENDED = "ended"
+    #: The start was counted (an unclean one in ``restarts``) and the watch goes on.
+    ON = "on"
+    #: The start was counted and it was the last the watch allows: it ends, the release stays.
+    LAST = "last"
+    #: Counted, and the unclean starts reached the limit: roll the release back.
+    CRASH_LOOP = "crash_loop"
+
+
+def watch_start(
+    rec: InstallRecord, *, now: float, window_s: float, limit: int, unclean: bool
+) -> tuple[Watch, InstallRecord]:
+    """A start in COMMITTED: the verdict, and the record to persist (it carries the watch across restarts).
+
+    The watch of a commit starts at the first start after it: an unclean start (no clean stop recorded) counts in
+    ``restarts`` as during an install, and at ``limit`` the committed release is rolled back. It lasts ``window_s``
+    from the commit by the device clock (``now``), and at most ``2 * limit`` starts, so a clock set back (or stuck)
+    cannot make it last for ever; a start that finds the clock outside the window ends it, and once over it stays
+    over until the next commit.
+    """
+    last = rec.outcome or {}
+    committed = last.get("outcome") == "install_committed" and not last.get("unchanged")
+    if committed and last["ts"] != rec.watched_commit:  # the first start since this commit: a new watch
+        rec = replace(rec, watched_commit=last["ts"], starts_since_commit=0, watch_over=False, restarts=0)
+    if rec.watched_commit is None or rec.watch_over:
+        return Watch.OFF, rec
+    if not 0 <= now - rec.watched_commit < window_s:
+        return Watch.ENDED, replace(rec, watch_over=True, restarts=0)
+    rec = replace(rec, starts_since_commit=rec.starts_since_commit + 1, restarts=rec.restarts + (1 if unclean else 0))
+    if rec.restarts >= limit:
+        return Watch.CRASH_LOOP, rec
+    if rec.starts_since_commit >= 2 * limit:
+        return Watch.LAST, replace(rec, watch_over=True, restarts=0)
+    return Watch.ON, rec
 
 
 def _section(card: Mapping[str, Any], key: str) -> Mapping[str, Any]:
