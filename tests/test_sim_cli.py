@@ -6,6 +6,7 @@ Runs go through real subprocesses (the installed launcher's code path) against t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pty
@@ -152,6 +153,7 @@ def test_a_running_device_holds_the_open_files_the_budget_counts(
 ) -> None:
     settings = SimSettings(devices=10, broker=broker.url, state_root=tmp_path / "devices",
                            model_dir=example_model("good"), duration_s=3, window_s=1, rate_hz=5)  # fmt: skip
+    gc.collect()  # files earlier tests left to the garbage collector must not close mid-run and hide the devices' own
     before = open_files()
     peak = 0
 
