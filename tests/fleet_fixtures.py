@@ -88,6 +88,13 @@ class Fleet:
         name = release.target.rsplit("/", 1)[-1]
         return self.repo.targets_dir / "models" / release.name / release.version / f"{release.sha256}.{name}"
 
+    def tamper(self, release: ReleaseInfo) -> None:
+        """Flip one byte in the middle of a release's stored bytes, as an attacker on the server would."""
+        stored = self.stored_file(release)
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+
     def desired(
         self,
         device_id: str,

@@ -320,10 +320,7 @@ def test_a_release_for_a_runtime_the_device_lacks_is_refused(
 def test_target_bytes_tampered_on_the_server_are_refused(
     device: Callable[..., Device], fleet: Fleet, releases: dict[str, ReleaseInfo], example_model: Callable[..., Path]
 ) -> None:
-    stored = fleet.stored_file(releases["better"])
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    fleet.tamper(releases["better"])
     d = device()
     d.deliver(fleet.desired(d.config.device_id, 1, releases["better"]))
     assert_failed(d, "hash_mismatch", example_model("good"))

@@ -150,10 +150,7 @@ def test_an_install_refused_for_metadata_a_clock_ahead_calls_expired_is_tried_ag
 def test_a_release_whose_bytes_fail_their_hash_is_never_tried_again(
     device: Callable[..., Device], fleet: Fleet, releases: dict[str, ReleaseInfo], example_model: Callable[..., Path]
 ) -> None:
-    stored = fleet.stored_file(releases["better"])
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    fleet.tamper(releases["better"])
     d = device(**FAST_RETRIES)
     d.deliver(fleet.desired(d.config.device_id, 1, releases["better"]))
     assert d.tap.wait_for("install_failed")["detail"]["reason"] == "hash_mismatch"
