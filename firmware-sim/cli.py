@@ -21,6 +21,7 @@ from firmware_sim import fdlimit, rundirs
 from fleet.examples.modelgen import VARIANTS
 
 if TYPE_CHECKING:
+    from agent.config import UpdateConfig
     from firmware_sim.simulator import SimSettings, Simulation
 
 #: Exit status of `firmware-sim run` when no device reached the broker in the whole run.
@@ -42,8 +43,10 @@ def ensure_model(model_dir: Path, variant: str, seed: int) -> Path:
     return out
 
 
-def check_broker(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+def check_broker(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """Refuse a URL the devices could not use before anything is built (the agent's own parser decides)."""
+    if value is None:
+        return None
     try:
         BrokerAddress.parse(value)
     except ValueError as exc:
@@ -123,7 +126,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--devices", "-n", type=click.IntRange(1, 5000), default=10, show_default=True, help="Devices.")
-@click.option("--broker", required=True, callback=check_broker, help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
+@click.option("--broker", callback=check_broker, help="Broker URL, e.g. mqtt://127.0.0.1:1883 (--enroll: the fleet's).")
 @click.option("--duration", type=click.FloatRange(0, None), default=30, show_default=True, help="Seconds to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same run.")
 @click.option("--window", type=click.FloatRange(1, 3600), default=60, show_default=True, help="Telemetry window, s.")
@@ -141,6 +144,17 @@ def main() -> None:
     callback=check_id_prefix,
     show_default=True,
     help="Device ids are ID_PREFIX-0000, ID_PREFIX-0001, ...: runs sharing a broker at once need different ones.",
+)
+@click.option(
+    "--enroll",
+    is_flag=True,
+    help="Enroll every device with the `fleet serve` of --home (fleet enroll's bundle each): they install what "
+    "`fleet assign` gives them, through the agent's own update path.",
+)
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The fleet home to enroll with (default $EDGEFLEET_HOME, else ~/.edgefleet).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the per-device report as JSON.")
 @click.option(
@@ -162,6 +176,8 @@ def run(
     model_dir: Path | None,
     prefix: str,
     id_prefix: str,
+    enroll: bool,
+    home: Path | None,
     as_json: bool,
     log_level: str,
 ) -> None:
@@ -171,9 +187,16 @@ def run(
     (`fleet serve`) on the broker. Exit status: 0 when the fleet acknowledged every window, 1 when it did not (or the
     run could not start), 2 on a usage error, 3 when no device could reach the broker. Ctrl-C or SIGTERM ends the
     run early, with its report.
-    """
-    from firmware_sim.simulator import SimSettings
 
+    With --enroll each device is enrolled with the running `fleet serve` (on its broker, with its repository) and
+    runs the whole update path of `edge-agent run`; `fleet devices list` shows them and `fleet assign` reaches them.
+    """
+    from agent.errors import EdgefleetError
+    from firmware_sim.enrollment import enroll_devices
+    from firmware_sim.simulator import SimSettings, device_ids
+
+    if broker is None and not enroll:
+        raise click.UsageError("pass --broker URL, or --enroll to use the broker of the running `fleet serve`")
     try:
         fdlimit.ensure_open_files(devices)
     except fdlimit.TooManyDevices as exc:
@@ -185,6 +208,13 @@ def run(
             root = state_dir or stack.enter_context(rundirs.run_folder())
         except OSError as exc:
             raise click.ClickException(f"cannot make a temporary folder for the devices: {exc}") from None
+        updates: dict[str, UpdateConfig] = {}
+        if enroll:
+            try:
+                broker, prefix, updates = enroll_devices(home, device_ids(id_prefix, devices), root)
+            except EdgefleetError as exc:
+                raise click.ClickException(exc.detail) from None
+        assert broker is not None
         settings = SimSettings(
             devices=devices,
             broker=broker,
@@ -198,6 +228,7 @@ def run(
             model_file="int8.tflite" if runtime_name == "tflite" else "int8.onnx",
             release=f"digits:{variant}",
             id_prefix=id_prefix,
+            updates=updates,
         )
         simulation = set_up(settings)
         with stop_on_signals() as stop:

@@ -1,12 +1,16 @@
 """Run a fleet of real agent cores in one process, on one reactor thread.
 
 Every simulated device is the real :class:`agent.core.AgentCore` (runtime, telemetry, outbox, MQTT link) with
-its own state folder and its own MQTT connection. Devices that run the same model file share one loaded
-runtime session (read-only, thread-safe) so hundreds of devices fit in memory; everything else is per device.
+its own state folder and its own MQTT connection. Enrolled with a fleet (``SimSettings.updates``, from
+:mod:`firmware_sim.enrollment`), each also runs the real update path, as ``edge-agent run`` does: its own installer
+thread, TUF client, slots, smoke-test child processes and probation fed by its simulated traffic. Devices that run
+the same model bytes share one loaded runtime session (read-only, thread-safe) so hundreds of devices fit in memory;
+everything else is per device.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -20,7 +24,7 @@ import numpy as np
 
 from agent import runtime
 from agent.broker_address import BrokerAddress
-from agent.config import AgentConfig, ModelConfig
+from agent.config import AgentConfig, ModelConfig, UpdateConfig
 from agent.core import AgentCore
 from agent.logs import event
 from agent.protocol import DEFAULT_PREFIX, Kind
@@ -50,20 +54,35 @@ class SimSettings:
     #: How long the drain waits for a first connection when no device has reached the broker during the run.
     first_connect_s: float = 2.0
     id_prefix: str = "sim"
+    #: Each enrolled device's ``[update]`` (by device id): those devices install what the fleet assigns them.
+    updates: dict[str, UpdateConfig] = field(default_factory=dict)
+
+    def device_ids(self) -> list[str]:
+        return device_ids(self.id_prefix, self.devices)
+
+
+def device_ids(id_prefix: str, devices: int) -> list[str]:
+    """A run's device ids: ID_PREFIX-0000, ID_PREFIX-0001, ..."""
+    return [f"{id_prefix}-{i:04d}" for i in range(devices)]
 
 
 class SharedModels:
-    """Loads each model file once for the whole simulated fleet."""
+    """Loads each model once for the whole simulated fleet: by its bytes' sha256 and runtime, so the copies of one
+    release installed in every device's own state folder share one session."""
 
     def __init__(self) -> None:
-        self._models: dict[Path, runtime.Model] = {}
+        self._models: dict[tuple[str, str | None], runtime.Model] = {}
         self._lock = threading.Lock()
 
     def load(self, cfg: ModelConfig) -> runtime.Model:
+        try:
+            key = (hashlib.sha256(cfg.path.read_bytes()).hexdigest(), cfg.runtime)
+        except OSError:  # the runtime layer says it in its own words
+            return runtime.load_model(cfg.path, threads=1, runtime=cfg.runtime)
         with self._lock:
-            if cfg.path not in self._models:
-                self._models[cfg.path] = runtime.load_model(cfg.path, threads=1)
-            return self._models[cfg.path]
+            if key not in self._models:
+                self._models[key] = runtime.load_model(cfg.path, threads=1, runtime=cfg.runtime)
+            return self._models[key]
 
     def close(self) -> None:
         for model in self._models.values():
@@ -130,8 +149,7 @@ class Simulation:
         model = ModelConfig(
             name=MODEL_NAME, path=s.model_dir / s.model_file, card=s.model_dir / "card.json", release=s.release
         )
-        for i in range(s.devices):
-            device_id = f"{s.id_prefix}-{i:04d}"
+        for i, device_id in enumerate(s.device_ids()):
             config = AgentConfig(
                 device_id=device_id,
                 state_dir=s.state_root / device_id,
@@ -140,6 +158,7 @@ class Simulation:
                 window_s=s.window_s,
                 reconnect_max_s=s.reconnect_max_s,
                 models=(model,),
+                update=s.updates.get(device_id),
             )
             core = AgentCore(
                 config,

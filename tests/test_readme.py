@@ -52,6 +52,9 @@ COVERED = {
     "edge-agent run --config pi-01/agent.toml": "test_the_fleet_flow_of_the_readme",
     "fleet assign pi-01 --release digits:1.1.0": "test_the_fleet_flow_of_the_readme",
     "fleet devices show pi-01 --json": "test_the_fleet_flow_of_the_readme",
+    "firmware-sim run --enroll --devices 5 --duration 300 --window 2": "test_sim_fleet (its first test)",
+    "fleet assign sim-0000 sim-0001 sim-0002 sim-0003 sim-0004 --release digits:1.1.0": "test_sim_fleet",
+    "fleet devices list": "test_sim_fleet (--json there)",
 }
 
 

@@ -1,0 +1,106 @@
+"""Simulated devices as whole agents in a real fleet: `firmware-sim run --enroll` enrolls each device with the running
+fleet service (`fleet enroll`'s bundle), `fleet assign` reaches them, and each installs the release through the agent's
+own update path (director check, TUF, download, smoke-test child, probation on its simulated traffic) until the fleet
+shows it committed. Everything is real: `fleet init`, the fleet service with its embedded broker and repository
+server, the `fleet` CLI, the project's digits models and the `firmware-sim` console entry point as a process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet_fixtures import wait_for
+from test_release_cli import fleet, ok_json, publish
+
+from fleet.server import FleetServer, ServerSettings
+
+DEVICES = 5
+LAUNCH = "from firmware_sim.launcher import main; main()"
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Path]:
+    """A fleet home made by `fleet init`, with its service running (embedded broker, repository, ingest)."""
+    home = tmp_path / "home"
+    ok_json("init", "--home", home)
+    with FleetServer(ServerSettings(home=home, ingest_workers=0, log_level="WARNING")):
+        yield home
+
+
+def devices(home: Path) -> dict[str, dict[str, Any]]:
+    return {d["device_id"]: d for d in ok_json("devices", "list", "--home", home)}
+
+
+def test_simulated_devices_enrolled_with_the_fleet_install_an_assigned_release_through_the_whole_update_path(
+    served: Path, tmp_path: Path, example_model: Callable[[str], Path]
+) -> None:
+    home = served
+    publish(home, example_model("better") / "int8.onnx", "digits:1.1.0")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "good-0").symlink_to(example_model("good"))
+    sim = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "run", "--enroll", "--home", str(home), "--devices", str(DEVICES),
+         "--duration", "120", "--window", "2", "--rate", "20", "--model-dir", str(tmp_path / "models"),
+         "--state-dir", str(tmp_path / "devices"), "--id-prefix", "simfleet", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        ids = [f"simfleet-{i:04d}" for i in range(DEVICES)]
+        wait_for(lambda: set(ids) <= set(devices(home)), 60, "the simulated devices reporting to the fleet")
+        audit = json.loads(fleet("audit", "--json", "--home", home).stdout)
+        enrolled = {e["subject"] for e in audit["entries"] if (e["action"], e["actor"]) == ("enroll", "firmware-sim")}
+        assert enrolled >= set(ids), "each device was enrolled (and audited) as `fleet enroll` does"
+        assert all(devices(home)[i]["releases"] == {"digits": "digits:good"} for i in ids)
+
+        assigned = fleet("assign", *ids, "--release", "digits:1.1.0", "--home", home)
+        assert assigned.exit_code == 0, assigned.output
+
+        def all_committed() -> bool:
+            listed = devices(home)
+            return all(listed[i]["releases"] == {"digits": "digits:1.1.0"} for i in ids) and all(
+                (ok_json("devices", "show", i, "--home", home)["last_install"] or {}).get("type") == "install_committed"
+                for i in ids
+            )
+
+        wait_for(all_committed, 90, "every simulated device serving digits:1.1.0, its install committed")
+        for device_id in ids:
+            shown = ok_json("devices", "show", device_id, "--home", home)
+            last = shown["last_install"]
+            assert (last["release"], last["reason"]) == ("digits:1.1.0", ""), shown
+            state = tmp_path / "devices" / device_id
+            assert (state / "bundle" / "agent.toml").is_file() and (state / "bundle" / "root.json").is_file()
+    finally:
+        sim.send_signal(signal.SIGTERM)  # the run ends early, with its report
+        out, err = sim.communicate(timeout=120)
+    assert sim.returncode == 0, err[-3000:]
+    report = json.loads(out)
+    assert report["totals"]["windows_produced"] == report["totals"]["windows_acked"] > 0
+    assert report["totals"]["errors"] == 0
+
+
+def test_enroll_without_a_running_fleet_says_so_in_one_line(tmp_path: Path) -> None:
+    ok_json("init", "--home", tmp_path / "home")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "run", "--enroll", "--home", str(tmp_path / "home"), "--duration", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [f"Error: no `fleet serve` runs on {tmp_path / 'home'}: start it, or pass --home of one that runs"]
+    assert time.monotonic() - started < 60
+
+
+def test_run_needs_a_broker_or_enroll() -> None:
+    done = subprocess.run([sys.executable, "-c", LAUNCH, "run", "--duration", "0"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "pass --broker URL, or --enroll" in done.stderr, done.stderr
