@@ -132,6 +132,13 @@ def main() -> None:
 @click.option("--window", type=click.FloatRange(1, 3600), default=60, show_default=True, help="Telemetry window, s.")
 @click.option("--rate", type=click.FloatRange(0.01, 1000), default=2, show_default=True, help="Inferences/s/device.")
 @click.option(
+    "--feedback",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of predictions whose true label each device sends back (feeds accuracy telemetry).",
+)
+@click.option(
     "--variant", type=click.Choice(VARIANTS), default="good", show_default=True, help="Example model every device runs."
 )
 @click.option("--runtime", "runtime_name", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True)
@@ -170,6 +177,7 @@ def run(
     seed: int,
     window: float,
     rate: float,
+    feedback: float,
     variant: str,
     runtime_name: str,
     state_dir: Path | None,
@@ -229,6 +237,7 @@ def run(
             release=f"digits:{variant}",
             id_prefix=id_prefix,
             updates=updates,
+            feedback_share=feedback,
         )
         simulation = set_up(settings)
         with stop_on_signals() as stop:
@@ -240,6 +249,6 @@ def run(
         click.echo(
             f"{len(report['devices'])} devices, {report['elapsed_s']} s: {t['inferences']} inferences, "
             f"{t['windows_produced']} windows produced, {t['windows_acked']} acknowledged, "
-            f"{t['windows_dropped']} dropped"
+            f"{t['windows_dropped']} dropped" + (f", {t['labelled']} predictions labelled" if feedback else "")
         )
     sys.exit(exit_status(report, broker))

@@ -54,6 +54,8 @@ class SimSettings:
     #: How long the drain waits for a first connection when no device has reached the broker during the run.
     first_connect_s: float = 2.0
     id_prefix: str = "sim"
+    #: The share of predictions whose true label each device sends back (the agent's feedback path).
+    feedback_share: float = 0.0
     #: Each enrolled device's ``[update]`` (by device id): those devices install what the fleet assigns them.
     updates: dict[str, UpdateConfig] = field(default_factory=dict)
 
@@ -106,17 +108,28 @@ class _Unclosable:
 class SimDevice:
     core: AgentCore
     sensor: DigitsSensor
+    #: Decides which predictions get their true label back (``feedback_share`` of them), per device and seeded.
+    rng: random.Random
+    feedback_share: float = 0.0
     timer: Timer | None = None
     inferences: int = 0
     errors: int = 0
+    labelled: int = 0
 
     def tick(self) -> None:
-        frame, _label = self.sensor.read()
+        frame, label = self.sensor.read()
+        self.inferences += 1
         try:
-            self.core.predict(MODEL_NAME, frame)
+            if not self.feedback_share:
+                self.core.predict(MODEL_NAME, frame)
+                return
+            answer = self.core.infer(MODEL_NAME, frame)
         except runtime.RuntimeLayerError:
             self.errors += 1
-        self.inferences += 1
+            return
+        if self.rng.random() < self.feedback_share:
+            self.core.feedback(answer.prediction_ids[0], label, MODEL_NAME)
+            self.labelled += 1
 
     def report(self) -> dict[str, Any]:
         stats = self.core.outbox.stats()
@@ -127,6 +140,7 @@ class SimDevice:
             "windows_dropped": stats["dropped_total"],
             "inferences": self.inferences,
             "errors": self.errors,
+            "labelled": self.labelled,
             "connects": self.core.link.connects,
             "queued": stats["rows"],
         }
@@ -166,7 +180,8 @@ class Simulation:
                 loader=lambda cfg: _Unclosable(self._models.load(cfg)),
                 rng=random.Random(s.seed * 100_003 + i),
             )
-            self.devices.append(SimDevice(core, DigitsSensor(frames, labels, rng)))
+            feedback_rng = random.Random(s.seed * 100_003 + i + 7)
+            self.devices.append(SimDevice(core, DigitsSensor(frames, labels, rng), feedback_rng, s.feedback_share))
             if self.progress:
                 self.progress(1)
 
@@ -236,7 +251,7 @@ class Simulation:
             "devices": devices,
             "totals": {
                 key: sum(d[key] for d in devices)
-                for key in ("windows_produced", "windows_acked", "windows_dropped", "inferences", "errors")
+                for key in ("windows_produced", "windows_acked", "windows_dropped", "inferences", "errors", "labelled")
             },
             "elapsed_s": round(elapsed_s, 2),
             "seed": self.settings.seed,

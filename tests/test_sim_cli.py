@@ -141,6 +141,23 @@ def test_run_says_in_one_line_when_the_cached_model_or_the_state_folder_is_unusa
         assert len(errors) == 1 and errors[0].startswith("Error: ") and said in errors[0], done.stderr
 
 
+def test_devices_send_the_true_label_of_the_configured_share_of_predictions_and_the_fleet_stores_every_one(
+    tmp_path: Path, broker: MosquittoBroker, fleet: Ingest, example_model: Callable[[str], Path]
+) -> None:
+    prefix = f"fb{uuid.uuid4().hex[:6]}"
+    settings = SimSettings(devices=3, broker=broker.url, state_root=tmp_path / "devices", id_prefix=prefix,
+                           model_dir=example_model("good"), duration_s=3, window_s=1, rate_hz=40,
+                           feedback_share=0.25)  # fmt: skip
+    report = Simulation(settings).run()
+    totals = report["totals"]
+    assert totals["windows_produced"] == totals["windows_acked"] > 0
+    assert 0.15 * totals["inferences"] < totals["labelled"] < 0.35 * totals["inferences"]
+    for device in report["devices"]:
+        windows = fleet.store.telemetry(device["device_id"]).windows
+        stored = sum(sum(map(sum, w["feedback"])) for w in windows if w.get("feedback"))
+        assert stored == device["labelled"] > 0, device  # every label reached the fleet, in the confusion counts
+
+
 # -- 2. open files ------------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ server, the `fleet` CLI, the project's digits models and the `firmware-sim` cons
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,22 +41,42 @@ def devices(home: Path) -> dict[str, dict[str, Any]]:
     return {d["device_id"]: d for d in ok_json("devices", "list", "--home", home)}
 
 
-def test_simulated_devices_enrolled_with_the_fleet_install_an_assigned_release_through_the_whole_update_path(
-    served: Path, tmp_path: Path, example_model: Callable[[str], Path]
-) -> None:
-    home = served
-    publish(home, example_model("better") / "int8.onnx", "digits:1.1.0")
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "good-0").symlink_to(example_model("good"))
+@contextlib.contextmanager
+def enrolled_sim(home: Path, tmp_path: Path, example_model: Callable[[str], Path]) -> Iterator[list[str]]:
+    """`firmware-sim run --enroll` of DEVICES devices on the fleet of ``home``, as a process; yields their ids once
+    the fleet has heard from each, then ends the run (SIGTERM) and checks that the fleet acknowledged every window."""
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    if not (models / "good-0").exists():
+        (models / "good-0").symlink_to(example_model("good"))
     sim = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, "run", "--enroll", "--home", str(home), "--devices", str(DEVICES),
-         "--duration", "120", "--window", "2", "--rate", "20", "--model-dir", str(tmp_path / "models"),
+         "--duration", "120", "--window", "2", "--rate", "20", "--model-dir", str(models),
          "--state-dir", str(tmp_path / "devices"), "--id-prefix", "simfleet", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     try:
         ids = [f"simfleet-{i:04d}" for i in range(DEVICES)]
         wait_for(lambda: set(ids) <= set(devices(home)), 60, "the simulated devices reporting to the fleet")
+        yield ids
+    finally:
+        sim.send_signal(signal.SIGTERM)  # the run ends early, with its report
+        out, err = sim.communicate(timeout=120)
+    assert sim.returncode == 0, err[-3000:]
+    report = json.loads(out)
+    assert report["totals"]["windows_produced"] == report["totals"]["windows_acked"] > 0
+
+
+def last_installs(home: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
+    return {i: ok_json("devices", "show", i, "--home", home)["last_install"] or {} for i in ids}
+
+
+def test_simulated_devices_enrolled_with_the_fleet_install_an_assigned_release_through_the_whole_update_path(
+    served: Path, tmp_path: Path, example_model: Callable[[str], Path]
+) -> None:
+    home = served
+    publish(home, example_model("better") / "int8.onnx", "digits:1.1.0")
+    with enrolled_sim(home, tmp_path, example_model) as ids:
         audit = json.loads(fleet("audit", "--json", "--home", home).stdout)
         enrolled = {e["subject"] for e in audit["entries"] if (e["action"], e["actor"]) == ("enroll", "firmware-sim")}
         assert enrolled >= set(ids), "each device was enrolled (and audited) as `fleet enroll` does"
@@ -67,24 +88,30 @@ def test_simulated_devices_enrolled_with_the_fleet_install_an_assigned_release_t
         def all_committed() -> bool:
             listed = devices(home)
             return all(listed[i]["releases"] == {"digits": "digits:1.1.0"} for i in ids) and all(
-                (ok_json("devices", "show", i, "--home", home)["last_install"] or {}).get("type") == "install_committed"
-                for i in ids
+                last.get("type") == "install_committed" for last in last_installs(home, ids).values()
             )
 
         wait_for(all_committed, 90, "every simulated device serving digits:1.1.0, its install committed")
-        for device_id in ids:
-            shown = ok_json("devices", "show", device_id, "--home", home)
-            last = shown["last_install"]
-            assert (last["release"], last["reason"]) == ("digits:1.1.0", ""), shown
+        for device_id, last in last_installs(home, ids).items():
+            assert (last["release"], last["reason"]) == ("digits:1.1.0", ""), last
             state = tmp_path / "devices" / device_id
             assert (state / "bundle" / "agent.toml").is_file() and (state / "bundle" / "root.json").is_file()
-    finally:
-        sim.send_signal(signal.SIGTERM)  # the run ends early, with its report
-        out, err = sim.communicate(timeout=120)
-    assert sim.returncode == 0, err[-3000:]
-    report = json.loads(out)
-    assert report["totals"]["windows_produced"] == report["totals"]["windows_acked"] > 0
-    assert report["totals"]["errors"] == 0
+
+
+def test_a_broken_release_is_refused_at_the_smoke_test_on_every_simulated_device_with_its_reason_in_the_fleet(
+    served: Path, tmp_path: Path, example_model: Callable[[str], Path]
+) -> None:
+    home = served
+    broken = example_model("broken")
+    publish(home, broken / "int8.onnx", "digits:1.9.0")
+    with enrolled_sim(home, tmp_path, example_model) as ids:
+        assigned = fleet("assign", *ids, "--release", "digits:1.9.0", "--home", home)
+        assert assigned.exit_code == 0, assigned.output
+        wait_for(lambda: all(last.get("type") == "install_failed" for last in last_installs(home, ids).values()),
+                 90, "every simulated device refusing digits:1.9.0")  # fmt: skip
+        for last in last_installs(home, ids).values():
+            assert last["release"] == "digits:1.9.0" and last["reason"].startswith("smoke_"), last
+        assert all(d["releases"] == {"digits": "digits:good"} for d in devices(home).values())
 
 
 def test_enroll_without_a_running_fleet_says_so_in_one_line(tmp_path: Path) -> None:
