@@ -159,6 +159,18 @@ def main() -> None:
     "`fleet assign` gives them, through the agent's own update path.",
 )
 @click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --enroll: a tag every device is enrolled with (hw=pi4, ...); repeat for more.",
+)
+@click.option(
+    "--sites",
+    type=click.IntRange(1, 10_000),
+    help="With --enroll: spread the devices over this many sites, tagged site=site-0, site-1, ... in turn.",
+)
+@click.option(
     "--home",
     type=click.Path(path_type=Path, file_okay=False),
     help="The fleet home to enroll with (default $EDGEFLEET_HOME, else ~/.edgefleet).",
@@ -185,6 +197,8 @@ def run(
     prefix: str,
     id_prefix: str,
     enroll: bool,
+    tags: tuple[str, ...],
+    sites: int | None,
     home: Path | None,
     as_json: bool,
     log_level: str,
@@ -202,6 +216,8 @@ def run(
     from agent.errors import EdgefleetError
     from firmware_sim.enrollment import enroll_devices
     from firmware_sim.simulator import SimSettings, device_ids
+    from fleet.errors import FleetError
+    from fleet.ops.enroll import parse_tags
 
     if broker is None and not enroll:
         raise click.UsageError("pass --broker URL, or --enroll to use the broker of the running `fleet serve`")
@@ -218,10 +234,13 @@ def run(
             raise click.ClickException(f"cannot make a temporary folder for the devices: {exc}") from None
         updates: dict[str, UpdateConfig] = {}
         if enroll:
+            ids = device_ids(id_prefix, devices)
             try:
-                broker, prefix, updates = enroll_devices(home, device_ids(id_prefix, devices), root)
+                common = parse_tags(tags)
+                tagged = {d: {**common, **({"site": f"site-{i % sites}"} if sites else {})} for i, d in enumerate(ids)}
+                broker, prefix, updates = enroll_devices(home, ids, root, tagged)
             except EdgefleetError as exc:
-                raise click.ClickException(exc.detail) from None
+                raise click.ClickException(exc.message() if isinstance(exc, FleetError) else exc.detail) from None
         assert broker is not None
         settings = SimSettings(
             devices=devices,

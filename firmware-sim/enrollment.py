@@ -10,7 +10,7 @@ same update path (director check, TUF, download, slots, smoke test, probation).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agent.config import UpdateConfig, load
@@ -22,9 +22,15 @@ class EnrollError(EdgefleetError):
 
 
 def enroll_devices(
-    home: Path | None, device_ids: Sequence[str], state_root: Path, *, actor: str = "firmware-sim"
+    home: Path | None,
+    device_ids: Sequence[str],
+    state_root: Path,
+    tags: Mapping[str, Mapping[str, str]],
+    *,
+    actor: str = "firmware-sim",
 ) -> tuple[str, str, dict[str, UpdateConfig]]:
-    """Enroll ``device_ids`` with the `fleet serve` running on ``home`` (``$EDGEFLEET_HOME`` when None).
+    """Enroll ``device_ids`` with the `fleet serve` running on ``home`` (``$EDGEFLEET_HOME`` when None), each with
+    its ``tags`` (by device id; checked as `fleet enroll --tag` checks them).
 
     Returns the broker URL, the MQTT prefix and each device's ``[update]`` as its bundle says. Bundles are written to
     ``<state_root>/<device_id>/bundle``; enrolling again replaces them.
@@ -46,8 +52,13 @@ def enroll_devices(
         repo = open_repository(root, store)
         for device_id in device_ids:
             bundle = state_root / device_id / "bundle"
-            settings = BundleSettings(running["broker"], running["repo"], running["prefix"],
-                                      state_dir=str(state_root / device_id))  # fmt: skip
+            settings = BundleSettings(
+                running["broker"],
+                running["repo"],
+                running["prefix"],
+                state_dir=str(state_root / device_id),
+                tags=dict(tags.get(device_id, {})),
+            )
             enroll(store, repo, device_id, bundle, settings, actor=actor, force=True)
             update = load(bundle / "agent.toml").update
             assert update is not None, "fleet enroll writes an [update] table"

@@ -54,7 +54,7 @@ def device_json(device: Device) -> dict[str, Any]:
 def device_summary_json(device: Device) -> dict[str, Any]:
     """The fields of `fleet devices list --json`."""
     doc = device_json(device)
-    keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models", "releases")
+    keys = ("device_id", "online", "last_seen", "windows", "agent_version", "models", "releases", "tags")
     return {k: doc[k] for k in keys}
 
 

@@ -288,13 +288,36 @@ def test_serve_help_documents_the_remembered_ports() -> None:
 # The read commands
 
 
+def test_a_device_enrolled_with_tags_is_listed_with_them_and_a_bad_tag_is_refused_in_one_line(
+    home: Path, tmp_path: Path
+) -> None:
+    where = ["--broker", "mqtt://10.0.0.5:1883", "--repo-url", "http://10.0.0.5:8000", "--home", str(home)]
+    enrolled = fleet("enroll", "pi-1", "--out", str(tmp_path / "pi-1"), "--tag", "site=berlin", "--tag", "hw=pi4",
+                     *where, "--json")  # fmt: skip
+    assert enrolled.exit_code == 0, enrolled.output
+    assert json.loads(enrolled.stdout)["tags"] == {"site": "berlin", "hw": "pi4"}
+    listed = {d["device_id"]: d for d in json.loads(fleet("devices", "list", "--home", str(home), "--json").stdout)}
+    assert (listed["pi-1"]["tags"], listed["pi-2"]["tags"]) == ({"site": "berlin", "hw": "pi4"}, {})
+    table = fleet("devices", "list", "--home", str(home)).stdout
+    assert "hw=pi4" in table and "site=berl" in table  # a narrow terminal wraps the cell
+    shown = json.loads(fleet("devices", "show", "pi-1", "--home", str(home), "--json").stdout)
+    assert shown["tags"] == {"site": "berlin", "hw": "pi4"}
+    for bad in ("site", "Site=x", "site=a b", "site=a --tag site=b"):
+        refused = fleet("enroll", "pi-3", "--out", str(tmp_path / "pi-3"), *[a for t in bad.split(" --tag ")
+                        for a in ("--tag", t)], *where)  # fmt: skip
+        assert refused.exit_code == 2 and refused.stderr.strip().startswith("Error: ") and "tag" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "pi-3").exists()
+
+
 def test_devices_list_json_has_each_devices_state_windows_agent_and_models(home: Path) -> None:
     result = fleet("devices", "list", "--home", str(home), "--json")
     assert result.exit_code == 0
     devices = json.loads(result.stdout)
     assert [d["device_id"] for d in devices] == ["pi-1", "pi-2"]
     pi1, pi2 = devices
-    assert set(pi1) == {"device_id", "online", "last_seen", "windows", "agent_version", "models", "releases"}
+    assert set(pi1) == {"device_id", "online", "last_seen", "windows", "agent_version", "models", "releases", "tags"}
+    assert pi1["tags"] == {}
     assert (pi1["online"], pi1["windows"], pi1["agent_version"]) == (True, 3, "0.3.1")
     assert pi1["models"] == {"digits": {"release": "digits:3"}}
     assert pi1["releases"] == {"digits": "digits:3"}

@@ -42,7 +42,9 @@ def devices(home: Path) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def enrolled_sim(home: Path, tmp_path: Path, example_model: Callable[[str], Path]) -> Iterator[list[str]]:
+def enrolled_sim(
+    home: Path, tmp_path: Path, example_model: Callable[[str], Path], *options: str
+) -> Iterator[list[str]]:
     """`firmware-sim run --enroll` of DEVICES devices on the fleet of ``home``, as a process; yields their ids once
     the fleet has heard from each, then ends the run (SIGTERM) and checks that the fleet acknowledged every window."""
     models = tmp_path / "models"
@@ -52,7 +54,7 @@ def enrolled_sim(home: Path, tmp_path: Path, example_model: Callable[[str], Path
     sim = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, "run", "--enroll", "--home", str(home), "--devices", str(DEVICES),
          "--duration", "120", "--window", "2", "--rate", "20", "--model-dir", str(models),
-         "--state-dir", str(tmp_path / "devices"), "--id-prefix", "simfleet", "--json"],
+         "--state-dir", str(tmp_path / "devices"), "--id-prefix", "simfleet", "--json", *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     try:
@@ -76,7 +78,9 @@ def test_simulated_devices_enrolled_with_the_fleet_install_an_assigned_release_t
 ) -> None:
     home = served
     publish(home, example_model("better") / "int8.onnx", "digits:1.1.0")
-    with enrolled_sim(home, tmp_path, example_model) as ids:
+    with enrolled_sim(home, tmp_path, example_model, "--sites", "2", "--tag", "hw=sim") as ids:
+        listed = devices(home)
+        assert [listed[i]["tags"] for i in ids] == [{"hw": "sim", "site": f"site-{n % 2}"} for n in range(DEVICES)]
         audit = json.loads(fleet("audit", "--json", "--home", home).stdout)
         enrolled = {e["subject"] for e in audit["entries"] if (e["action"], e["actor"]) == ("enroll", "firmware-sim")}
         assert enrolled >= set(ids), "each device was enrolled (and audited) as `fleet enroll` does"
@@ -125,6 +129,19 @@ def test_enroll_without_a_running_fleet_says_so_in_one_line(tmp_path: Path) -> N
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
     assert errors == [f"Error: no `fleet serve` runs on {tmp_path / 'home'}: start it, or pass --home of one that runs"]
     assert time.monotonic() - started < 60
+
+
+def test_a_bad_tag_is_refused_in_one_line_before_any_device_is_enrolled(served: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "run", "--enroll", "--home", str(served), "--tag", "Site=x", "--duration", "0",
+         "--state-dir", str(tmp_path / "devices")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "'Site=x' is not a tag; write KEY=VALUE" in errors[0], done.stderr
+    assert not (tmp_path / "devices").exists() or not list((tmp_path / "devices").rglob("agent.toml"))
+    assert devices(served) == {}
 
 
 def test_run_needs_a_broker_or_enroll() -> None:

@@ -58,14 +58,14 @@ def list_devices(home: Path | None, as_json: bool) -> None:
     """List every device.
 
     Shows its online state, when it was last heard from, how many windows are stored, agent version and the release
-    each model runs (as its last birth message said).
+    each model runs (as its last birth message said), and the tags it was enrolled with.
     """
     with contextlib.closing(open_store(home)) as store:
         rows = [views.device_summary_json(d) for d in store.devices()]
     if as_json:
         echo_json(rows)
         return
-    table = Table("device", "online", "last seen (UTC)", "windows", "agent", "releases")
+    table = Table("device", "online", "last seen (UTC)", "windows", "agent", "releases", "tags")
     for row in rows:
         table.add_row(
             row["device_id"],
@@ -74,6 +74,7 @@ def list_devices(home: Path | None, as_json: bool) -> None:
             str(row["windows"]),
             row["agent_version"] or "-",
             ", ".join(release or f"{name} (no release)" for name, release in sorted(row["releases"].items())) or "-",
+            " ".join(f"{key}={value}" for key, value in sorted(row["tags"].items())) or "-",
         )
     Console().print(table)
 

@@ -20,7 +20,7 @@ from fleet.cli.common import (
     validate_broker,
 )
 from fleet.errors import FleetError
-from fleet.ops.enroll import DEFAULT_STATE_DIR, BundleSettings
+from fleet.ops.enroll import DEFAULT_STATE_DIR, BundleSettings, parse_tags
 from fleet.ops.enroll import enroll as enroll_device
 
 
@@ -71,6 +71,13 @@ def _repo_url(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     help="Where the device's local inference API listens: HOST:PORT or unix:/absolute/path. [default: the agent's, "
     "127.0.0.1:8321]",
 )
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A tag to select the device by (site=berlin, hw=pi4, ...); repeat for more. `fleet devices list` shows them.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle in --out.")
 @home_option
 @json_option
@@ -84,6 +91,7 @@ def enroll(
     model_dir: Path | None,
     model_file: str,
     listen: str | None,
+    tags: tuple[str, ...],
     force: bool,
     home: Path | None,
     as_json: bool,
@@ -109,6 +117,7 @@ def enroll(
         listen=listen,
         model_dir=model_dir,
         model_file=model_file,
+        tags=parse_tags(tags),
     )
     with contextlib.closing(open_store(home, write=True)) as store:
         repository = open_repository(home, store)

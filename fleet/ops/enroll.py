@@ -13,8 +13,10 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import re
 import shutil
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ from fleet.trust.repository import Repository
 from fleet.views import release_ref
 
 _DIR_MODE = 0o755
+#: A tag is KEY=VALUE: a short lower-case key (site, hw, ring...), a value of safe characters.
+_TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+_TAG_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 DEFAULT_STATE_DIR = "/var/lib/edge-agent"
 
 
@@ -47,6 +52,23 @@ class BundleSettings:
     listen: str | None = None
     model_dir: Path | None = None
     model_file: str = "int8.onnx"
+    #: Tags the fleet selects devices by (site, hardware, ...), recorded with the enrollment: :func:`parse_tags`.
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def parse_tags(pairs: Sequence[str]) -> dict[str, str]:
+    """``["site=berlin", "hw=pi4"]`` as a dict; :class:`~fleet.errors.Invalid` naming the first bad one."""
+    tags: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and _TAG_KEY.fullmatch(key) and _TAG_VALUE.fullmatch(value)):
+            raise Invalid("bad_tag", f"{pair[:80]!r} is not a tag",
+                          "write KEY=VALUE: a lower-case key of up to 32 of [a-z0-9_.-], a value of up to 64 of "
+                          "[A-Za-z0-9_.:-]")  # fmt: skip
+        if key in tags and tags[key] != value:
+            raise Invalid("bad_tag", f"tag {key} is given twice ({tags[key]}, {value})", "give each key once")
+        tags[key] = value
+    return tags
 
 
 @dataclass(frozen=True)
@@ -186,6 +208,7 @@ def enroll(
         "trusted_root_sha256": hashlib.sha256(root).hexdigest(),
         "director_keyid": load_director_key(director).keyid,
         "models": {m["name"]: m["release"] for m in config.get("models", [])},
+        "tags": dict(settings.tags),
     }
     store.record_enrollment(device_id, actor, {k: v for k, v in summary.items() if k != "out"})
     files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())

@@ -36,6 +36,8 @@ class Device:
     models: dict[str, Any] | None
     offline_reason: str | None
     windows: int
+    #: The tags the device was last enrolled with (site, hardware, ...: `fleet enroll --tag`); {} if none.
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def releases(self) -> dict[str, str | None]:

@@ -108,7 +108,7 @@ class SqliteReads:
     def devices(self) -> list[Device]:
         """Every known device with its state and how many distinct windows are stored for it."""
         rows = self._rows(
-            "SELECT d.*, (SELECT count(*) FROM windows w WHERE w.device_id = d.device_id) AS windows "
+            f"SELECT d.*, (SELECT count(*) FROM windows w WHERE w.device_id = d.device_id) AS windows, {_TAGS} "
             "FROM devices d ORDER BY d.device_id"
         )
         return [_device(r) for r in rows]
@@ -117,7 +117,7 @@ class SqliteReads:
         """One device in detail, with its event count, latest events and latest install outcome; None if unknown."""
         rows = self._rows(
             "SELECT d.*, (SELECT count(*) FROM windows w WHERE w.device_id = d.device_id) AS windows, "
-            "(SELECT count(*) FROM events e WHERE e.device_id = d.device_id) AS events "
+            f"(SELECT count(*) FROM events e WHERE e.device_id = d.device_id) AS events, {_TAGS} "
             "FROM devices d WHERE d.device_id = ?",
             (device_id,),
         )
@@ -217,6 +217,10 @@ class SqliteReads:
             devices["total"], devices["online"], windows, events, self.reject_counts(), self.missing_counts()
         )
 
+#: A device's tags, from its latest enrollment (the enrollment's audited detail holds them).
+_TAGS = "(SELECT json_extract(n.detail, '$.tags') FROM enrollments n WHERE n.device_id = d.device_id) AS tags"
+
+
 def _device(row: dict[str, Any]) -> Device:
     return Device(
         device_id=row["device_id"],
@@ -230,6 +234,7 @@ def _device(row: dict[str, Any]) -> Device:
         models=loads(row["models"]),
         offline_reason=row["offline_reason"],
         windows=row["windows"],
+        tags=loads(row["tags"]) or {},
     )
 
 
