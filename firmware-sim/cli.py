@@ -18,6 +18,8 @@ from agent import __version__, protocol
 from agent import logs as agent_logs
 from agent.broker_address import BrokerAddress
 from firmware_sim import fdlimit, rundirs
+from firmware_sim.drift import KINDS as DRIFT_KINDS
+from firmware_sim.drift import Drift
 from fleet.examples.modelgen import VARIANTS
 
 if TYPE_CHECKING:
@@ -52,6 +54,13 @@ def check_broker(_ctx: click.Context, _param: click.Parameter, value: str | None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
+
+
+def check_drifts(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[Drift, ...]:
+    try:
+        return tuple(Drift.parse(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def check_id_prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -153,6 +162,15 @@ def main() -> None:
     help="Device ids are ID_PREFIX-0000, ID_PREFIX-0001, ...: runs sharing a broker at once need different ones.",
 )
 @click.option(
+    "--drift",
+    "drifts",
+    multiple=True,
+    metavar="KIND:SIZE[@START_S]",
+    callback=check_drifts,
+    help=f"Sensor drift on every device, SIZE 0..1, from START_S s into the run; repeat for more. KIND: "
+    f"{', '.join(DRIFT_KINDS)}.",
+)
+@click.option(
     "--enroll",
     is_flag=True,
     help="Enroll every device with the `fleet serve` of --home (fleet enroll's bundle each): they install what "
@@ -190,6 +208,7 @@ def run(
     window: float,
     rate: float,
     feedback: float,
+    drifts: tuple[Drift, ...],
     variant: str,
     runtime_name: str,
     state_dir: Path | None,
@@ -257,6 +276,7 @@ def run(
             id_prefix=id_prefix,
             updates=updates,
             feedback_share=feedback,
+            drifts=drifts,
         )
         simulation = set_up(settings)
         with stop_on_signals() as stop:

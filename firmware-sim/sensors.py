@@ -19,6 +19,8 @@ class DigitsSensor:
     def __init__(self, frames: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> None:
         self.frames = frames
         self.labels = labels
+        #: The run's seeded generator (the drift of what this sensor reads draws from it too).
+        self.rng = rng
         self._pos = int(rng.integers(len(frames)))
 
     def read(self) -> tuple[np.ndarray, int]:

@@ -29,6 +29,7 @@ from agent.core import AgentCore
 from agent.logs import event
 from agent.protocol import DEFAULT_PREFIX, Kind
 from agent.reactor import Reactor, Timer
+from firmware_sim.drift import Drift, DriftingFrames
 from firmware_sim.sensors import DigitsSensor, held_out_digits
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class SimSettings:
     id_prefix: str = "sim"
     #: The share of predictions whose true label each device sends back (the agent's feedback path).
     feedback_share: float = 0.0
+    #: Sensor drift every device gets (:mod:`firmware_sim.drift`), each from its start into the run.
+    drifts: tuple[Drift, ...] = ()
     #: Each enrolled device's ``[update]`` (by device id): those devices install what the fleet assigns them.
     updates: dict[str, UpdateConfig] = field(default_factory=dict)
 
@@ -110,6 +113,8 @@ class SimDevice:
     sensor: DigitsSensor
     #: Decides which predictions get their true label back (``feedback_share`` of them), per device and seeded.
     rng: random.Random
+    drift: DriftingFrames
+    started: float = 0.0
     feedback_share: float = 0.0
     timer: Timer | None = None
     inferences: int = 0
@@ -118,6 +123,7 @@ class SimDevice:
 
     def tick(self) -> None:
         frame, label = self.sensor.read()
+        frame, label = self.drift.apply(frame, label, time.monotonic() - self.started, self.sensor.rng)
         self.inferences += 1
         try:
             if not self.feedback_share:
@@ -181,14 +187,18 @@ class Simulation:
                 rng=random.Random(s.seed * 100_003 + i),
             )
             feedback_rng = random.Random(s.seed * 100_003 + i + 7)
-            self.devices.append(SimDevice(core, DigitsSensor(frames, labels, rng), feedback_rng, s.feedback_share))
+            drift = DriftingFrames(s.drifts, frames, labels)
+            sensor = DigitsSensor(frames, labels, rng)
+            self.devices.append(SimDevice(core, sensor, feedback_rng, drift, feedback_share=s.feedback_share))
             if self.progress:
                 self.progress(1)
 
     def start(self) -> None:
         """Bring devices up spread over one second, as a real fleet never starts in the same millisecond."""
         rng = random.Random(self.settings.seed)
+        started = time.monotonic()
         for device in self.devices:
+            device.started = started
             device.core.start()
             device.timer = self.reactor.call_every(
                 1.0 / self.settings.rate_hz, device.tick, first_delay=rng.uniform(0, 1.0)
