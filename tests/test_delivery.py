@@ -316,9 +316,11 @@ def assert_each_stored_once(report: dict[str, Any], store: Store, db: Path, at_l
 @pytest.mark.parametrize(
     ("workers", "seed", "kills", "persistence", "fault", "ingest_late"),
     [
-        (2, 11, 1, False, "SIGKILL", False),
+        # One kill is the first half of two: the default run keeps the twice-killed cases (10 minutes on 2 cores);
+        # `pytest -m slow` runs these too.
+        pytest.param(2, 11, 1, False, "SIGKILL", False, marks=pytest.mark.slow),
         (2, 29, 2, False, "SIGKILL", False),
-        (0, 23, 1, False, "SIGKILL", False),
+        pytest.param(0, 23, 1, False, "SIGKILL", False, marks=pytest.mark.slow),
         (0, 41, 2, False, "SIGKILL", False),
         # Persistence on: Mosquitto 2.0.11 restores plain subscriptions but not the workers' $share ones; killed, it
         # also loses what it acknowledged since its last save.
