@@ -232,11 +232,8 @@ def run(
     With --enroll each device is enrolled with the running `fleet serve` (on its broker, with its repository) and
     runs the whole update path of `edge-agent run`; `fleet devices list` shows them and `fleet assign` reaches them.
     """
-    from agent.errors import EdgefleetError
-    from firmware_sim.enrollment import enroll_devices
+    from firmware_sim.enrollment import EnrollError, enroll_devices
     from firmware_sim.simulator import SimSettings, device_ids
-    from fleet.errors import FleetError
-    from fleet.ops.enroll import parse_tags
 
     if broker is None and not enroll:
         raise click.UsageError("pass --broker URL, or --enroll to use the broker of the running `fleet serve`")
@@ -255,11 +252,9 @@ def run(
         if enroll:
             ids = device_ids(id_prefix, devices)
             try:
-                common = parse_tags(tags)
-                tagged = {d: {**common, **({"site": f"site-{i % sites}"} if sites else {})} for i, d in enumerate(ids)}
-                broker, prefix, updates = enroll_devices(home, ids, root, tagged)
-            except EdgefleetError as exc:
-                raise click.ClickException(exc.message() if isinstance(exc, FleetError) else exc.detail) from None
+                broker, prefix, updates = enroll_devices(home, ids, root, tags, sites)
+            except EnrollError as exc:
+                raise click.ClickException(exc.detail) from None
         assert broker is not None
         settings = SimSettings(
             devices=devices,
