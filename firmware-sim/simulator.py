@@ -61,9 +61,17 @@ class SimSettings:
     drifts: tuple[Drift, ...] = ()
     #: Each enrolled device's ``[update]`` (by device id): those devices install what the fleet assigns them.
     updates: dict[str, UpdateConfig] = field(default_factory=dict)
+    #: ``(index, count)``: this process runs every ``count``-th device of the fleet from ``index`` (``--shards``).
+    #: A device behaves the same in any shard: its seeds come from its place in the whole fleet.
+    shard: tuple[int, int] = (0, 1)
 
     def device_ids(self) -> list[str]:
+        """The whole fleet's device ids, in every shard."""
         return device_ids(self.id_prefix, self.devices)
+
+    def in_shard(self, index: int) -> bool:
+        """Whether the fleet's ``index``-th device runs in this process."""
+        return index % self.shard[1] == self.shard[0]
 
 
 def device_ids(id_prefix: str, devices: int) -> list[str]:
@@ -170,6 +178,8 @@ class Simulation:
             name=MODEL_NAME, path=s.model_dir / s.model_file, card=s.model_dir / "card.json", release=s.release
         )
         for i, device_id in enumerate(s.device_ids()):
+            if not s.in_shard(i):
+                continue
             config = AgentConfig(
                 device_id=device_id,
                 state_dir=s.state_root / device_id,
