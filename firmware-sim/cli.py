@@ -193,6 +193,13 @@ def main() -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="The fleet home to enroll with (default $EDGEFLEET_HOME, else ~/.edgefleet).",
 )
+@click.option(
+    "--shards",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Split the fleet over this many processes (one per core suits large fleets).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-device report as JSON.")
 @click.option(
     "--log-level",
@@ -219,6 +226,7 @@ def run(
     tags: tuple[str, ...],
     sites: int | None,
     home: Path | None,
+    shards: int,
     as_json: bool,
     log_level: str,
 ) -> None:
@@ -273,9 +281,15 @@ def run(
             feedback_share=feedback,
             drifts=drifts,
         )
-        simulation = set_up(settings)
-        with stop_on_signals() as stop:
-            report = simulation.run(until=stop.is_set)
+        if shards > 1:
+            from firmware_sim.shards import run_sharded
+
+            with stop_on_signals() as stop:
+                report = run_sharded(settings, shards, stop)
+        else:
+            simulation = set_up(settings)
+            with stop_on_signals() as stop:
+                report = simulation.run(until=stop.is_set)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
