@@ -13,6 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from agent import __version__, protocol
 from agent import logs as agent_logs
@@ -23,7 +24,7 @@ from firmware_sim.drift import Drift
 from fleet.examples.modelgen import VARIANTS
 
 if TYPE_CHECKING:
-    from agent.config import UpdateConfig
+    from firmware_sim.scenario import Scenario
     from firmware_sim.simulator import SimSettings, Simulation
 
 #: Exit status of `firmware-sim run` when no device reached the broker in the whole run.
@@ -112,7 +113,10 @@ def set_up(settings: SimSettings) -> Simulation:
 
 
 def exit_status(report: dict[str, Any], broker: str) -> int:
-    """0 when the fleet acknowledged every window, 1 when not, 3 when no device reached the broker (said on stderr)."""
+    """0 when the fleet acknowledged every window it was owed, 1 when not, 3 when no device reached the broker (said
+    on stderr). A device the scenario left silent at the end owes nothing."""
+    from firmware_sim.runner import owed_windows_delivered
+
     never = sum(1 for d in report["devices"] if d["connects"] == 0)
     if never == len(report["devices"]):
         click.echo(
@@ -123,8 +127,36 @@ def exit_status(report: dict[str, Any], broker: str) -> int:
         return EXIT_UNREACHABLE
     if never:
         click.echo(f"firmware-sim: {never} of {len(report['devices'])} devices never connected to {broker}", err=True)
-    totals = report["totals"]
-    return 0 if totals["windows_produced"] == totals["windows_acked"] else 1
+    return 0 if owed_windows_delivered(report) else 1
+
+
+def load_scenario(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Scenario | None:
+    """A scenario file, or the name of one that ships with the simulator (``site-drift``: scenarios/site-drift.toml)."""
+    from firmware_sim.scenario import Scenario, ScenarioError, shipped
+
+    if value is None:
+        return None
+    try:
+        return Scenario.load(value if value.exists() or value.suffix else shipped(value.name))
+    except ScenarioError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+#: The options a scenario's ``[fleet]`` table sets when the command line does not: option name -> key.
+SCENARIO_OPTIONS = {"devices": "devices", "seed": "seed", "duration": "duration", "rate": "rate", "window": "window",
+                    "feedback": "feedback", "sites": "sites", "id_prefix": "id_prefix"}  # fmt: skip
+
+
+def from_scenario(ctx: click.Context, scenario: Scenario | None) -> dict[str, Any]:
+    """The run's options: the command line's where given, else the scenario's ``[fleet]``, else the defaults; tags
+    are the scenario's plus the command line's."""
+    values = dict(ctx.params)
+    fleet = scenario.fleet if scenario else {}
+    for option, key in SCENARIO_OPTIONS.items():
+        if key in fleet and ctx.get_parameter_source(option) is not ParameterSource.COMMANDLINE:
+            values[option] = fleet[key]
+    values["tags"] = (*(f"{k}={v}" for k, v in fleet.get("tags", {}).items()), *values["tags"])
+    return values
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,6 +232,25 @@ def main() -> None:
     show_default=True,
     help="Split the fleet over this many processes (one per core suits large fleets).",
 )
+@click.option(
+    "--scenario",
+    type=click.Path(path_type=Path, dir_okay=False),
+    callback=load_scenario,
+    help="A scenario file (TOML: firmware-sim/scenarios/): the fleet, drift and faults on a schedule. Options given "
+    "here win over its [fleet] settings.",
+)
+@click.option(
+    "--start-broker",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Start a Mosquitto for the run on PORT (0: a free one) and print `broker: URL`; a scenario may restart it.",
+)
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(path_type=Path, dir_okay=False, writable=True),
+    help="Also write the JSON report (the ground truth beside what each device produced) to this file.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-device report as JSON.")
 @click.option(
     "--log-level",
@@ -207,96 +258,93 @@ def main() -> None:
     default="warning",
     show_default=True,
 )
-def run(
-    devices: int,
-    broker: str,
-    duration: float,
-    seed: int,
-    window: float,
-    rate: float,
-    feedback: float,
-    drifts: tuple[Drift, ...],
-    variant: str,
-    runtime_name: str,
-    state_dir: Path | None,
-    model_dir: Path | None,
-    prefix: str,
-    id_prefix: str,
-    enroll: bool,
-    tags: tuple[str, ...],
-    sites: int | None,
-    home: Path | None,
-    shards: int,
-    as_json: bool,
-    log_level: str,
-) -> None:
+@click.pass_context
+def run(ctx: click.Context, **_options: Any) -> None:
     """Run N simulated devices for a while, then report what each produced and the fleet acknowledged.
 
     A window counts as acknowledged once the fleet's ingest stored it (its ack, not the broker's), so run a fleet
-    (`fleet serve`) on the broker. Exit status: 0 when the fleet acknowledged every window, 1 when it did not (or the
-    run could not start), 2 on a usage error, 3 when no device could reach the broker. Ctrl-C or SIGTERM ends the
-    run early, with its report.
+    (`fleet serve`) on the broker. Exit status: 0 when the fleet acknowledged every window it was owed, 1 when it
+    did not (or the run could not start), 2 on a usage error, 3 when no device could reach the broker. Ctrl-C or
+    SIGTERM ends the run early, with its report.
 
     With --enroll each device is enrolled with the running `fleet serve` (on its broker, with its repository) and
     runs the whole update path of `edge-agent run`; `fleet devices list` shows them and `fleet assign` reaches them.
-    """
-    from firmware_sim.enrollment import EnrollError, enroll_devices
-    from firmware_sim.simulator import SimSettings, device_ids
 
-    if broker is None and not enroll:
-        raise click.UsageError("pass --broker URL, or --enroll to use the broker of the running `fleet serve`")
+    With --scenario the run follows a scenario file and its seed: drift and faults per device, per tag or
+    fleet-wide; the report (--json, --report FILE) gives each device's ground truth beside what it produced.
+    """
+    from firmware_sim.runner import RunError, RunRequest, execute
+    from firmware_sim.scenario import Scenario
+    from firmware_sim.simulator import SimSettings
+
+    o = from_scenario(ctx, ctx.params["scenario"])
+    if o["broker"] is None and not o["enroll"] and o["start_broker"] is None:
+        raise click.UsageError(
+            "pass --broker URL, --enroll to use the broker of the running `fleet serve`, or --start-broker PORT"
+        )
     try:
-        fdlimit.ensure_open_files(devices)
+        fdlimit.ensure_open_files(o["devices"])
     except fdlimit.TooManyDevices as exc:
         raise click.ClickException(str(exc)) from None
-    agent_logs.setup(log_level)
-    models = ensure_model(model_dir or default_model_dir(), variant, seed)
+    agent_logs.setup(o["log_level"])
+    models = ensure_model(o["model_dir"] or default_model_dir(), o["variant"], o["seed"])
     with ExitStack() as stack:
         try:
-            root = state_dir or stack.enter_context(rundirs.run_folder())
+            root = o["state_dir"] or stack.enter_context(rundirs.run_folder())
         except OSError as exc:
             raise click.ClickException(f"cannot make a temporary folder for the devices: {exc}") from None
-        updates: dict[str, UpdateConfig] = {}
-        if enroll:
-            ids = device_ids(id_prefix, devices)
-            try:
-                broker, prefix, updates = enroll_devices(home, ids, root, tags, sites)
-            except EnrollError as exc:
-                raise click.ClickException(exc.detail) from None
-        assert broker is not None
         settings = SimSettings(
-            devices=devices,
-            broker=broker,
+            devices=o["devices"],
+            broker=o["broker"] or "",
             state_root=root,
             model_dir=models,
-            duration_s=duration,
-            seed=seed,
-            window_s=window,
-            rate_hz=rate,
-            prefix=prefix,
-            model_file="int8.tflite" if runtime_name == "tflite" else "int8.onnx",
-            release=f"digits:{variant}",
-            id_prefix=id_prefix,
-            updates=updates,
-            feedback_share=feedback,
-            drifts=drifts,
+            duration_s=o["duration"],
+            seed=o["seed"],
+            window_s=o["window"],
+            rate_hz=o["rate"],
+            prefix=o["prefix"],
+            model_file="int8.tflite" if o["runtime_name"] == "tflite" else "int8.onnx",
+            release=f"digits:{o['variant']}",
+            id_prefix=o["id_prefix"],
+            feedback_share=o["feedback"],
+            drifts=o["drifts"],
         )
-        if shards > 1:
-            from firmware_sim.shards import run_sharded
-
-            with stop_on_signals() as stop:
-                report = run_sharded(settings, shards, stop)
-        else:
-            simulation = set_up(settings)
-            with stop_on_signals() as stop:
-                report = simulation.run(until=stop.is_set)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+        request = RunRequest(settings, ctx.params["scenario"] or Scenario(), o["tags"], o["sites"], o["enroll"],
+                             o["home"], o["start_broker"], o["shards"])  # fmt: skip
+        with stop_on_signals() as stop:
+            try:
+                report = execute(
+                    request,
+                    simulate=lambda s: set_up(s).run(until=stop.is_set),
+                    sharded=lambda s, k: run_sharded(s, k, stop),
+                    announce=lambda line: click.echo(line, err=True),
+                )
+            except RunError as exc:
+                raise click.ClickException(exc.detail) from None
+    text = json.dumps(report, indent=2)
+    if o["report_file"]:
+        write_report(o["report_file"], text)
+    if o["as_json"]:
+        click.echo(text)
     else:
         t = report["totals"]
         click.echo(
             f"{len(report['devices'])} devices, {report['elapsed_s']} s: {t['inferences']} inferences, "
             f"{t['windows_produced']} windows produced, {t['windows_acked']} acknowledged, "
-            f"{t['windows_dropped']} dropped" + (f", {t['labelled']} predictions labelled" if feedback else "")
+            f"{t['windows_dropped']} dropped" + (f", {t['labelled']} predictions labelled" if o["feedback"] else "")
         )
-    sys.exit(exit_status(report, broker))
+    sys.exit(exit_status(report, o["broker"] or "the run's broker"))
+
+
+def run_sharded(settings: SimSettings, shards: int, stop: threading.Event) -> dict[str, Any]:
+    from firmware_sim.shards import run_sharded as in_processes
+
+    return in_processes(settings, shards, stop)
+
+
+def write_report(path: Path, text: str) -> None:
+    try:
+        path.write_text(text + "\n")
+    except OSError as exc:
+        problem = f"cannot write the report to {path}: {exc.strerror}; pick another --report"
+        raise click.ClickException(problem) from None

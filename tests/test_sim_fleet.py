@@ -144,7 +144,8 @@ def test_a_bad_tag_is_refused_in_one_line_before_any_device_is_enrolled(served: 
     assert devices(served) == {}
 
 
-def test_run_needs_a_broker_or_enroll() -> None:
+def test_run_needs_a_broker_enroll_or_a_broker_of_its_own() -> None:
     done = subprocess.run([sys.executable, "-c", LAUNCH, "run", "--duration", "0"], capture_output=True, text=True,
                           timeout=60)  # fmt: skip
-    assert done.returncode == 2 and "pass --broker URL, or --enroll" in done.stderr, done.stderr
+    wanted = "pass --broker URL, --enroll to use the broker of the running `fleet serve`, or --start-broker PORT"
+    assert done.returncode == 2 and wanted in done.stderr, done.stderr
