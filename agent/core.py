@@ -35,6 +35,7 @@ from agent.protocol import Kind
 from agent.reactor import Reactor, Timer
 from agent.telemetry import Totals, WindowAggregator
 from agent.update.install import Installer
+from agent.update.states import State
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,10 @@ class AgentCore:
         loader: ModelLoader = load_configured,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        fault_point: Callable[[State], None] | None = None,
     ) -> None:
+        """``fault_point`` is a fault-injection hook for tests and the simulator, never set in production: the
+        installer calls it with each install state it enters (see :mod:`agent.update.journal`)."""
         self.config = config
         self.reactor = reactor
         self.clock = clock
@@ -153,7 +157,11 @@ class AgentCore:
         )
         # Built last: the host methods it calls while it recovers (emit, clock, status_changed) need the outbox and
         # the link above; those it calls later (activate, serving, totals) need the models, which recover() returns.
-        self.installer = Installer(self, config.update, config.models, config.state_dir) if config.update else None
+        self.installer = (
+            Installer(self, config.update, config.models, config.state_dir, fault_point=fault_point)
+            if config.update
+            else None
+        )
         if self.installer is not None:  # serve what the slots say, once verified (the factory model is the fallback)
             self.models.update(self.installer.recover(self._build))
         else:
@@ -202,6 +210,20 @@ class AgentCore:
         for served in self.models.values():
             served.model.close()
         self.outbox.close()
+
+    def lose_power(self) -> None:
+        """Leave only what a process killed at this instant leaves: what is on disk (the simulator's power cut,
+        firmware_sim.power). Timers stop, the installer persists nothing more and its worker is told to stop, the
+        outbox is closed as it stands, the MQTT connection drops without a goodbye (the broker publishes the last
+        will); no window is flushed, no status written, nothing emitted. The models are left to the garbage collector
+        (a simulator shares them between devices). Reactor thread. The core is dead after it: boot a new one."""
+        for timer in (self._window_timer, self._drain_timer):
+            if timer:
+                timer.cancel()
+        if self.installer is not None:
+            self.installer.lose_power()
+        self.outbox.close()
+        self.link.lose_power()
 
     def _build(self, cfg: ModelConfig) -> ServedModel:
         card = read_card(cfg.card)

@@ -188,6 +188,22 @@ class MqttLink:
             self.reactor.run_until(lambda: self.client.socket() is None, timeout)
         self.connected = False
 
+    def lose_power(self) -> None:
+        """Lose the connection as a process that died does (the simulator's power cut, firmware_sim.power): no goodbye
+        and no DISCONNECT, the socket closed and out of the reactor, so the broker publishes the last will; no
+        reconnect. Reactor thread."""
+        self._closing = True
+        for timer in (self._misc_timer, self._reconnect_timer):
+            if timer:
+                timer.cancel()
+        sock = self.client.socket()
+        # paho still holds the closed socket: when the client is collected, it must not reach into the reactor.
+        self.client.on_socket_close = self.client.on_socket_unregister_write = None
+        if sock is not None:
+            self.reactor.remove_socket(sock)
+            sock.close()
+        self.connected = False
+
     def publish_birth(self) -> None:
         """Announce the device (retained): on every connect, and again when what it runs changes."""
         if self.connected:

@@ -108,9 +108,19 @@ class Installer:
     Threads: :meth:`on_command` runs on the reactor thread; installs (TUF, downloads, smoke tests, probation) on
     the installer's own worker thread; :meth:`recover` runs in the host's constructor, before anything is served.
     ``models`` are agent.toml's ``[[models]]``: the models it updates, and each one's factory fallback.
+    ``fault_point`` is a fault-injection hook for tests and the simulator, never set in production (see
+    :mod:`agent.update.journal`).
     """
 
-    def __init__(self, host: InstallHost, config: UpdateConfig, models: Sequence[ModelConfig], state_dir: Path) -> None:
+    def __init__(
+        self,
+        host: InstallHost,
+        config: UpdateConfig,
+        models: Sequence[ModelConfig],
+        state_dir: Path,
+        *,
+        fault_point: Callable[[State], None] | None = None,
+    ) -> None:
         self._host = host
         self._config = config
         self._factory = {m.name: m for m in models}
@@ -136,7 +146,9 @@ class Installer:
         )
         self._factory_records = {m.name: factory_record(m) for m in models}
         self._inbox = Inbox()
-        self._journal = Journal(host, self._store, self._factory, self._factory_records, self._inbox.due_in)
+        self._journal = Journal(
+            host, self._store, self._factory, self._factory_records, self._inbox.due_in, fault_point
+        )
         self._records, self._slots = self._journal.records, self._journal.slots  # what was last persisted
         self._steps: Mapping[State, Callable[[str, _Job], _Entry]] = {
             State.DOWNLOADING: self._fetch,
@@ -255,6 +267,14 @@ class Installer:
             except (OSError, sqlite3.Error) as exc:  # a full disk, say: the next start counts this stop as a crash
                 event(log, "clean_stop_unrecorded", logging.WARNING, model=name, reason=str(exc))
         self._store.close()
+
+    def lose_power(self) -> None:
+        """What a process death leaves of the installer (the simulator's power cut, firmware_sim.power): its store
+        closed first, so nothing more is persisted (not even a clean stop), then the worker told to stop. A worker
+        caught in a download or a smoke test runs on to the end of that step and can then persist nothing; the next
+        start finds what was persisted before. The fetcher keeps no connection open between requests."""
+        self._store.close()
+        self._inbox.stop()
 
     # -- desired state (reactor thread) -------------------------------------------------------------------------
 

@@ -9,8 +9,14 @@ the next start finds exactly what was last evented, or one step more.
 An outcome (``install_committed``, ``install_failed``, ``rolled_back``) is persisted unreported, evented, then marked
 reported: a crash in between reports it again at the next start (:meth:`Journal.report`).
 
-Test hook: ``EDGEFLEET_FAULT_KILL_AT=<STATE>`` makes the agent SIGKILL itself right after it persisted (and evented)
-that state, to prove the restart table. Never set it in production.
+Fault-injection hooks, to prove the restart table; never set in production. Both act right after a state was
+persisted and evented (and its outcome, if any, reported), in whatever thread entered it: the installer's worker, or
+the host's constructor while :meth:`~agent.update.install.Installer.recover` settles the last run.
+
+- ``EDGEFLEET_FAULT_KILL_AT=<STATE>`` makes the agent SIGKILL itself there.
+- ``fault_point``, a callable given to the journal (through ``AgentCore(fault_point=...)`` and the installer), is
+  called with each state entered; what it raises propagates. The simulator's power cut (firmware_sim.power) raises
+  there to end one simulated device's worker among hundreds in one process.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class Journal:
     ``records`` and ``slots`` are what was last persisted; the installer reads them, and may set a record in memory
     only for what must not outlive the process (a restart counted before it is saved, a retry a full disk would not
     take). ``factory`` is each model's factory record (what an empty slot stands for); ``retry_in(name)`` the seconds
-    until the model's next retry, for status.
+    until the model's next retry, for status; ``fault_point`` the fault-injection callable (module docstring).
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class Journal:
         names: Iterable[str],
         factory: Mapping[str, SlotRecord],
         retry_in: Callable[[str], float | None],
+        fault_point: Callable[[State], None] | None = None,
     ) -> None:
         self._host = host
         self._store = store
@@ -66,6 +73,7 @@ class Journal:
         self._status: dict[str, dict[str, Any]] = {}
         self._status_lock = threading.Lock()
         self._kill_at = os.environ.get(FAULT_KILL_AT)
+        self._fault_point = fault_point
 
     def enter(
         self,
@@ -138,7 +146,9 @@ class Journal:
             return dict(self._status.get(name, {}))
 
     def fault_point(self, state: State) -> None:
-        """The test hook (see the module docstring): die here if asked to."""
+        """The fault-injection hooks (see the module docstring): die here if asked to, then call ``fault_point``."""
         if self._kill_at == state.value:
             event(log, "fault_injected", logging.WARNING, hook=FAULT_KILL_AT, state=state.value)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._fault_point is not None:
+            self._fault_point(state)
