@@ -104,6 +104,7 @@ class MqttLink:
         self._unconfirmed: dict[int, float] = {}
         self._attempt = 0
         self._closing = False
+        self._held = False
         self._misc_timer: Timer | None = None
         self._reconnect_timer: Timer | None = None
         self.connected = False
@@ -111,6 +112,8 @@ class MqttLink:
         self.disconnects = 0
         #: Messages the fleet confirmed it stored (each counted once), by kind.
         self.acked: Counter[Kind] = Counter()
+        #: Messages the broker took (PUBACK), resends included.
+        self.sent = 0
         #: Messages sent again because no acknowledgement came in time (reconnects not counted).
         self.resent = 0
         #: Acknowledgements refused (malformed, another device's), by reason; they change nothing.
@@ -188,6 +191,15 @@ class MqttLink:
             self.reactor.run_until(lambda: self.client.socket() is None, timeout)
         self.connected = False
 
+    def hold(self, held: bool) -> None:
+        """While held, nothing is published (the outbox keeps it all); the connection and its keepalive go on. What
+        the fleet sees of a device whose agent hangs while its network stack still answers: the simulator's
+        ``silent`` fault. Released, what was kept is sent and the birth published again."""
+        self._held = held
+        if not held:
+            self.publish_birth()
+            self.pump()
+
     def lose_power(self) -> None:
         """Lose the connection as a process that died does (the simulator's power cut, firmware_sim.power): no goodbye
         and no DISCONNECT, the socket closed and out of the reactor, so the broker publishes the last will; no
@@ -206,7 +218,7 @@ class MqttLink:
 
     def publish_birth(self) -> None:
         """Announce the device (retained): on every connect, and again when what it runs changes."""
-        if self.connected:
+        if self.connected and not self._held:
             birth = protocol.encode(Kind.STATUS, self._birth())
             self.client.publish(self.topic(Kind.STATUS), birth, qos=1, retain=True)
 
@@ -214,7 +226,7 @@ class MqttLink:
 
     def pump(self) -> None:
         """Send stored messages while the in-flight window has room."""
-        if not self.connected:
+        if not self.connected or self._held:
             return
         busy = len(self._inflight)
         room = min(self._max_inflight - busy, self._max_unconfirmed - busy - len(self._unconfirmed))
@@ -258,6 +270,7 @@ class MqttLink:
         """The broker took a message: it now waits for the fleet's acknowledgement, not in paho's window."""
         sent = self._inflight.pop(mid, None)
         if sent is not None:
+            self.sent += 1
             self._unconfirmed[sent[0]] = self.reactor.clock()
             self.pump()
 

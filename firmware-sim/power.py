@@ -16,12 +16,14 @@ that builds the core (the reactor's, in the simulator: every device at once), no
 
 from __future__ import annotations
 
-import random
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from agent.core import AgentCore
 from agent.update.states import State
+
+if TYPE_CHECKING:
+    from agent.core import AgentCore
 
 #: The install states a power cut can land in: every state of the success path, and REVERTING on the failure path.
 CUT_STATES: tuple[State, ...] = (
@@ -56,11 +58,6 @@ class PowerSwitch:
         self.cut_at: float | None = None
         self.tripped = threading.Event()
 
-    @classmethod
-    def at_random(cls, rng: random.Random) -> PowerSwitch:
-        """A switch at one of :data:`CUT_STATES`, chosen by ``rng`` (seeded: a run is reproducible)."""
-        return cls(rng.choice(CUT_STATES))
-
     def __call__(self, state: State) -> None:
         if state is not self.state or self.tripped.is_set():
             return
@@ -70,6 +67,21 @@ class PowerSwitch:
 
     def __repr__(self) -> str:
         return f"PowerSwitch({self.state.value}, tripped={self.tripped.is_set()})"
+
+
+def quiet_power_cuts() -> None:
+    """Let a :class:`PowerCut` end its thread without a traceback on stderr: Python's thread excepthook is silent
+    for ``SystemExit`` itself only, not for its subclasses. Other exceptions are reported as before; idempotent."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_power_cuts", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.exc_value, PowerCut):
+            previous(args)
+
+    hook.quiet_power_cuts = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def drop(core: AgentCore) -> None:

@@ -50,11 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from firmware_sim.drift import Drift
+from firmware_sim.power import CUT_STATES
 
 FAULT_KINDS = ("silent", "power_loss", "flaky_link", "slow_download", "cut_download", "clock_skew", "broker_restart")
 #: Install states a power loss can land on (``state = "random"`` picks one of these per device).
-INSTALL_STATES = ("DOWNLOADING", "VERIFYING", "STAGED", "SMOKE_TEST", "ACTIVATING", "PROBATION", "COMMITTED",
-                  "REVERTING")  # fmt: skip
+INSTALL_STATES = tuple(state.value for state in CUT_STATES)
 #: Faults that act on a device's network: such a device reaches the broker and the repository through the run's
 #: fault-injecting proxy (:mod:`firmware_sim.netfaults`).
 NETWORK_FAULTS = ("silent", "flaky_link", "slow_download", "cut_download")

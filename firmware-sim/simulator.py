@@ -39,7 +39,7 @@ from agent.update.states import State
 from firmware_sim.drift import Drift, DriftingFrames
 from firmware_sim.faults import DeviceFaults, RunClock, device_clock
 from firmware_sim.netfaults import Proxy
-from firmware_sim.power import PowerSwitch, drop
+from firmware_sim.power import PowerSwitch, drop, quiet_power_cuts
 from firmware_sim.scenario import DevicePlan
 from firmware_sim.sensors import DigitsSensor, held_out_digits
 
@@ -173,11 +173,14 @@ class SimDevice:
             self.core.feedback(answer.prediction_ids[0], label, MODEL_NAME)
             self.labelled += 1
 
+    def note_power_cut(self, switch: PowerSwitch) -> None:
+        state, at = switch.cut_state, switch.cut_at
+        since = at - self.run.started if at is not None and self.run.started is not None else self.run.elapsed()
+        self.power_cuts.append({"state": state.value if state else None, "at_s": round(since, 3)})
+
     def power_cycle(self) -> None:
         """The power came back after a cut: drop what the process held, start again from what is on disk (reactor
         thread). The switch stays tripped, so the new core is never cut again by it."""
-        assert self.switch is not None and self.switch.cut_state is not None
-        self.power_cuts.append({"state": self.switch.cut_state.value, "at_s": round(self.run.elapsed(), 3)})
         self.past.update(self._counts())
         drop(self.core)
         self.core = self.make_core(None)
@@ -287,13 +290,17 @@ class Simulation:
                 1.0 / self.settings.rate_hz, device.tick, first_delay=rng.uniform(0, 1.0)
             )
         if any(d.switch for d in self.devices):
+            quiet_power_cuts()
             self.reactor.call_every(POWER_WATCH_S, self._restore_power)
         event(log, "sim_started", devices=len(self.devices), broker=self.settings.broker)
 
     def _restore_power(self) -> None:
+        """Boot again each device whose power was cut: queued, so what its dead worker handed the reactor before the
+        cut runs first (:func:`firmware_sim.power.drop`)."""
         for device in self.devices:
             if device.switch is not None and device.switch.tripped.is_set() and not device.power_cuts:
-                device.power_cycle()
+                device.note_power_cut(device.switch)
+                self.reactor.call_soon_threadsafe(device.power_cycle)
 
     @property
     def reached_broker(self) -> bool:
