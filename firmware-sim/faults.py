@@ -104,9 +104,13 @@ class DeviceFaults:
                     self._between(reactor, s, partial(self._repo_set, FaultyLink.throttle, rate),
                                   partial(self._repo_set, FaultyLink.throttle, None))  # fmt: skip
                 case "cut_download" if self._repo is not None:
-                    after = int(s.fault.setting("after"))
-                    self._between(reactor, s, partial(self._repo_set, FaultyLink.cut_after, after),
+                    cut = partial(FaultyLink.cut_after, times=int(s.fault.setting("times")))
+                    self._between(reactor, s, partial(self._repo_set, cut, int(s.fault.setting("after"))),
                                   partial(self._repo_set, FaultyLink.cut_after, None))  # fmt: skip
+
+    def network(self) -> dict[str, dict[str, int]]:
+        """What the proxy did to the device's traffic (by link: mqtt, repo): for the report."""
+        return {link.name.rpartition("/")[2]: link.stats() for link in self._links}
 
     def restarted(self, link: MqttLink) -> None:
         """A new core after a power cut: hold its link if the device is silent with its connection open now."""

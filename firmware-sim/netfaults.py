@@ -122,6 +122,7 @@ class _Pipe:
         link, proxy = self.link, self.link._proxy
         if self.cut is not None and self.sent_down >= self.cut:
             self.close(fault=True)  # a cut download: the device got exactly ``cut`` bytes, then a plain close
+            link._cut_done()
             return
         if self.closing and not self.to_client and not (self.to_upstream and self.upstream is not None):
             self.close()
@@ -210,8 +211,9 @@ class FaultyLink:
         self._down = self._blackholed = False
         self._bucket: _Bucket | None = None
         self._cut: int | None = None
+        self._cuts_left: int | None = None
         self._lock = threading.Lock()
-        self._stats = dict.fromkeys(("connections", "refused", "disconnects", "bytes_up", "bytes_down"), 0)
+        self._stats = dict.fromkeys(("connections", "refused", "disconnects", "cuts", "bytes_up", "bytes_down"), 0)
 
     def disconnect(self) -> None:
         """Drop every current connection now, both sides with a RST: the device sees its link fail, the broker
@@ -238,15 +240,28 @@ class FaultyLink:
         self._bucket = None if bytes_per_s is None else _Bucket(bytes_per_s)
         self._proxy._call_soon(self._refresh)
 
-    def cut_after(self, n_bytes: int | None) -> None:
-        """Close each NEW connection once it has forwarded ``n_bytes`` to the device (a cut download); None: never."""
+    def cut_after(self, n_bytes: int | None, times: int | None = None) -> None:
+        """Close each NEW connection once it has forwarded ``n_bytes`` to the device (a cut download); None: never.
+        With ``times``, only that many cuts happen (connections already open when the last one happens keep their
+        cut), then connections go through whole: a link that fails a while, not one that can never carry a file."""
         if n_bytes is not None and n_bytes < 0:
             raise ValueError(f"cut_after needs a byte count >= 0, not {n_bytes}")
-        self._cut = n_bytes
+        if times is not None and times < 1:
+            raise ValueError(f"cut_after needs times >= 1, not {times}")
+        with self._lock:
+            self._cut, self._cuts_left = n_bytes, times
+
+    def _cut_done(self) -> None:
+        with self._lock:
+            self._stats["cuts"] += 1
+            if self._cuts_left is not None:
+                self._cuts_left -= 1
+                if self._cuts_left <= 0:
+                    self._cut = self._cuts_left = None
 
     def stats(self) -> dict[str, int]:
-        """Counters: connections (proxied), refused (while down), disconnects (closed by a fault), bytes_up,
-        bytes_down (forwarded), and open (now)."""
+        """Counters: connections (proxied), refused (while down), disconnects (closed by a fault, cuts included),
+        cuts (downloads cut), bytes_up, bytes_down (forwarded), and open (now)."""
         with self._lock:
             return {**self._stats, "open": len(self._pipes)}
 

@@ -33,8 +33,8 @@ Fault kinds and their settings (``start`` and ``end`` in seconds from the run's 
   and it restarts from what is on disk (needs an enrolled fleet);
 - ``flaky_link``: random disconnects (one every ``disconnect_every`` s on average) and black-holed periods (one every
   ``blackhole_every`` s on average, each ``blackhole_s`` long);
-- ``slow_download``: release downloads at ``rate`` bytes/s; ``cut_download``: each download connection cut after
-  ``after`` bytes (both need an enrolled fleet);
+- ``slow_download``: release downloads at ``rate`` bytes/s; ``cut_download``: download connections cut after
+  ``after`` bytes, ``times`` times, metadata and release files alike (both need an enrolled fleet);
 - ``clock_skew``: the device's clock is ``offset`` seconds off (negative: behind);
 - ``broker_restart``: the broker stops for ``down`` seconds (fleet-wide; only a broker the simulator started).
 """
@@ -67,7 +67,7 @@ _SETTINGS: Mapping[str, Mapping[str, Any]] = {
     "power_loss": {"state": "random"},
     "flaky_link": {"disconnect_every": 30.0, "blackhole_every": 60.0, "blackhole_s": 5.0},
     "slow_download": {"rate": 64 * 1024},
-    "cut_download": {"after": 64 * 1024},
+    "cut_download": {"after": 64 * 1024, "times": 3},
     "clock_skew": {"offset": 3600.0},
     "broker_restart": {"down": 2.0},
 }
@@ -341,8 +341,8 @@ def _check(fault: Fault, where: str) -> None:
             problem = "disconnect_every, blackhole_every and blackhole_s must be above 0"
         case "slow_download" if fault.setting("rate") <= 0:
             problem = "rate must be above 0 bytes/s"
-        case "cut_download" if fault.setting("after") < 0:
-            problem = "after must be 0 or more bytes"
+        case "cut_download" if fault.setting("after") < 0 or fault.setting("times") < 1:
+            problem = "after must be 0 or more bytes, and times 1 or more"
         case "broker_restart" if not 0 < fault.setting("down") <= 3600:
             problem = "down must be above 0 and at most 3600 s"
         case _:

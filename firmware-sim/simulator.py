@@ -202,6 +202,7 @@ class SimDevice:
             "device_id": self.core.device_id,
             **self.faults.plan.to_json(),
             "power_cuts": self.power_cuts,
+            "network": self.faults.network(),
             "boots": 1 + len(self.power_cuts),
             "silent_at_end": self.faults.plan.silent_at(self.run.elapsed()),
             "release": served.release if served else None,

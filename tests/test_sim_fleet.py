@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,40 @@ def test_run_needs_a_broker_enroll_or_a_broker_of_its_own() -> None:
                           timeout=60)  # fmt: skip
     wanted = "pass --broker URL, --enroll to use the broker of the running `fleet serve`, or --start-broker PORT"
     assert done.returncode == 2 and wanted in done.stderr, done.stderr
+
+
+def test_slow_and_cut_downloads_through_the_fault_proxy_delay_an_install_and_it_still_commits(
+    served: Path, tmp_path: Path, example_model: Callable[[str], Path]
+) -> None:
+    home = served
+    publish(home, example_model("better") / "int8.onnx", "digits:1.1.0")
+    scenario = tmp_path / "downloads.toml"
+    scenario.write_text(
+        "[[fault]]\nkind = 'slow_download'\nrate = 4096\ndevices = ['simfleet-0000']\n"
+        "[[fault]]\nkind = 'cut_download'\nafter = 6000\ntimes = 1\ndevices = ['simfleet-0001']\n"
+    )
+    reports: list[dict[str, Any]] = []
+    with enrolled_sim(home, tmp_path, example_model, "--scenario", str(scenario), devices=3, reports=reports) as ids:
+        assert fleet("assign", *ids, "--release", "digits:1.1.0", "--home", home).exit_code == 0
+        wait_for(lambda: all(last.get("type") == "install_committed" for last in last_installs(home, ids).values()),
+                 150, "every device committing digits:1.1.0")  # fmt: skip
+        events = {i: ok_json("devices", "show", i, "--home", home)["last_events"] for i in ids}
+    by_id = {d["device_id"]: d for d in reports[0]["devices"]}
+    slow, cut, clean = (by_id[i] for i in ids)
+    assert slow["network"]["repo"]["bytes_down"] > 8192 and slow["network"]["repo"]["cuts"] == 0
+    assert cut["network"]["repo"]["cuts"] == 1, "one download connection was cut"
+    assert clean["network"] == {}, "a device without network faults connects straight to the broker and repository"
+
+    def download_s(device_id: str) -> float:
+        states = {e["detail"].get("state"): datetime.fromisoformat(e["ts"]) for e in events[device_id]
+                  if e["type"] == "install_state"}  # fmt: skip
+        return (states["VERIFYING"] - states["DOWNLOADING"]).total_seconds()
+
+    assert download_s(ids[0]) > 1.5 > download_s(ids[2]), "at 4 KiB/s the 8 KiB release takes seconds"
+    outcomes = ("install_failed", "install_retry_scheduled", "install_committed")
+    told = [(e["type"], e["detail"].get("reason")) for e in reversed(events[ids[1]]) if e["type"] in outcomes]
+    assert told == [
+        ("install_failed", "tuf_refresh_failed"),
+        ("install_retry_scheduled", "tuf_refresh_failed"),
+        ("install_committed", ""),
+    ], "metadata cut mid-file: the refresh failed, was retried, went through"

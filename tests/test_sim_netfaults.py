@@ -230,7 +230,22 @@ def test_cut_after_delivers_exactly_that_many_bytes_and_a_resumed_download_gets_
         conn.close()
     assert got == data
     stats = link.stats()  # 2 MiB and three sets of headers: two cuts, and a third connection that ends on its own
-    assert stats["connections"] == 3 and stats["disconnects"] == 2
+    assert stats["connections"] == 3 and stats["disconnects"] == stats["cuts"] == 2
+
+
+def test_cuts_limited_in_number_stop_after_that_many_and_downloads_then_go_through_whole(
+    proxy: Proxy, repo: tuple[RepoServer, bytes]
+) -> None:
+    server, data = repo
+    link = repo_link(proxy, server)
+    link.cut_after(1000, times=1)
+    conn = http.client.HTTPConnection(link.host, link.port, timeout=30)
+    conn.request("GET", "/targets/blob.bin")
+    with pytest.raises(http.client.IncompleteRead):
+        conn.getresponse().read()
+    conn.close()
+    assert download(link, len(data)) == data, "the second connection is not cut"
+    assert link.stats()["cuts"] == 1
 
 
 def test_two_hundred_links_share_the_proxy_thread_and_all_pass_traffic(proxy: Proxy, broker: MosquittoBroker) -> None:
