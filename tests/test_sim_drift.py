@@ -8,11 +8,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from firmware_sim.drift import KINDS, Drift, DriftingFrames
+from firmware_sim.scenario import DevicePlan
 from firmware_sim.sensors import held_out_digits
 from firmware_sim.simulator import SimSettings, Simulation
 from fleet.broker import MosquittoBroker
@@ -67,51 +69,90 @@ def test_a_drift_is_written_kind_size_and_start_and_a_bad_one_says_how() -> None
             Drift.parse(bad)
 
 
-def stored(tmp_path: Path, broker: MosquittoBroker, model: Path, *drifts: Drift) -> dict[str, np.ndarray]:
-    """Run 3 simulated devices with ``drifts`` through a real ingest; sum what the fleet stored of their windows."""
+#: What each simulated device of the fleet run gets: nothing (the baseline), or one drift.
+FLEET_DRIFTS: dict[str, Drift | None] = {
+    "base": None,
+    "noise": Drift("noise", 0.3),
+    "brightness": Drift("brightness", 0.4),
+    "contrast": Drift("contrast", 0.6),
+    "occlusion": Drift("occlusion", 0.75),
+    "prior": Drift("prior", 0.6),
+    "stuck": Drift("stuck", 0.95),
+    "concept": Drift("concept", 0.6),
+}
+
+
+@pytest.fixture(scope="module")
+def fleet_windows(
+    tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker, example_model: Callable[[str], Path]
+) -> dict[str, list[dict[str, Any]]]:
+    """One simulated fleet, each device with its own drift (a scenario plan per device), through a real ingest: the
+    windows the fleet stored of each, by the name of its drift."""
+    tmp_path = tmp_path_factory.mktemp("drift-fleet")
     prefix = f"dr{uuid.uuid4().hex[:6]}"
-    store = open_store(tmp_path / f"{prefix}.db")
+    store = open_store(tmp_path / "fleet.db")
     ingest = Ingest(store, broker.url, client_id=f"drift-{prefix}")
     ingest.start()
     assert ingest.wait_ready(10)
+    ids = {name: f"{prefix}-{i:04d}" for i, name in enumerate(FLEET_DRIFTS)}
+    plan = {ids[name]: DevicePlan(drifts=(drift,) if drift else ()) for name, drift in FLEET_DRIFTS.items()}
     try:
-        settings = SimSettings(devices=3, broker=broker.url, state_root=tmp_path / prefix, model_dir=model,
-                               duration_s=2.5, window_s=1, rate_hz=60, id_prefix=prefix, feedback_share=1.0,
-                               drifts=drifts)  # fmt: skip
+        settings = SimSettings(devices=len(ids), broker=broker.url, state_root=tmp_path / "devices", id_prefix=prefix,
+                               model_dir=example_model("good"), duration_s=4, window_s=1, rate_hz=60,
+                               feedback_share=1.0, plan=plan)  # fmt: skip
         report = Simulation(settings).run()
         assert report["totals"]["windows_produced"] == report["totals"]["windows_acked"] > 0
-        windows = [w for d in report["devices"] for w in store.telemetry(d["device_id"]).windows]
+        reported = {d["device_id"]: d["drifts"] for d in report["devices"]}
+        assert reported[ids["stuck"]] == [{"kind": "stuck", "size": 0.95, "from_s": 0.0}], "who got what"
+        return {name: store.telemetry(device).windows for name, device in ids.items()}
     finally:
         ingest.stop()
         store.close()
-    return {
-        "features": sum(np.asarray(w["features"], float) for w in windows),
-        "classes": sum(np.asarray(w["classes"], float) for w in windows),
-        "feedback": sum(np.asarray(w["feedback"], float) for w in windows),
-    }
 
 
-def test_through_the_fleet_brightness_moves_the_feature_histograms_prior_the_predictions_concept_only_feedback(
-    tmp_path: Path, broker: MosquittoBroker, example_model: Callable[[str], Path]
+def summed(windows: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.asarray(sum(np.asarray(w[key], float) for w in windows))
+
+
+def mean_bin(h: np.ndarray) -> float:
+    """The mean bin of every feature's histogram (overflow and NaN aside)."""
+    bins = h[:, :-2]
+    return float((bins * np.arange(bins.shape[1])).sum() / bins.sum())
+
+
+def lowest_bin_share(h: np.ndarray) -> float:
+    """The share of the features' rows in each one's lowest bin (column 0 counts rows below the first edge)."""
+    return float(h[:, 1].sum() / h.sum())
+
+
+def share_0(h: np.ndarray) -> float:
+    return float(h[0] / h.sum())
+
+
+def agreement(h: np.ndarray) -> float:
+    """Feedback counts (true label x predicted label): the share where they agree."""
+    return float(np.trace(h) / h.sum())
+
+
+def top_class_share(windows: list[dict[str, Any]]) -> float:
+    """The mean, over windows, of the share of the window's most predicted class."""
+    return float(np.mean([max(w["classes"]) / sum(w["classes"]) for w in windows if sum(w["classes"])]))
+
+
+def test_through_the_fleet_each_drift_moves_the_stored_histograms_its_way_and_concept_only_the_feedback(
+    fleet_windows: dict[str, list[dict[str, Any]]],
 ) -> None:
-    model = example_model("good")
-    base = stored(tmp_path, broker, model)
-    bright = stored(tmp_path, broker, model, Drift("brightness", 0.4))
-    prior = stored(tmp_path, broker, model, Drift("prior", 0.6))
-    concept = stored(tmp_path, broker, model, Drift("concept", 0.6))
-
-    def mean_bin(h: np.ndarray) -> float:  # the mean bin of every feature's histogram (overflow and NaN aside)
-        bins = h[:, :-2]
-        return float((bins * np.arange(bins.shape[1])).sum() / bins.sum())
-
-    def share_0(h: np.ndarray) -> float:
-        return float(h[0] / h.sum())
-
-    def agreement(h: np.ndarray) -> float:  # feedback: true label x predicted label
-        return float(np.trace(h) / h.sum())
-
-    assert mean_bin(bright["features"]) > mean_bin(base["features"]) + 1
-    assert share_0(prior["classes"]) > share_0(base["classes"]) + 0.3
-    assert abs(mean_bin(concept["features"]) - mean_bin(base["features"])) < 0.3
-    assert abs(share_0(concept["classes"]) - share_0(base["classes"])) < 0.1
-    assert agreement(base["feedback"]) > 0.85 and agreement(concept["feedback"]) < agreement(base["feedback"]) - 0.4
+    features = {name: summed(windows, "features") for name, windows in fleet_windows.items()}
+    classes = {name: summed(windows, "classes") for name, windows in fleet_windows.items()}
+    base_f, base_c = features["base"], classes["base"]
+    assert lowest_bin_share(features["noise"]) < lowest_bin_share(base_f) - 0.05, "noise lifts pixels off black"
+    assert mean_bin(features["brightness"]) > mean_bin(base_f) + 1, "brightness moves every feature up"
+    assert lowest_bin_share(features["contrast"]) > lowest_bin_share(base_f) + 0.05, "contrast: dark turns black"
+    square = [row * 8 + col for row in range(6) for col in range(6)]  # ceil(8 * 0.75) = 6
+    assert lowest_bin_share(features["occlusion"][square]) == 1.0 > lowest_bin_share(base_f[square]) + 0.2
+    assert share_0(classes["prior"]) > share_0(base_c) + 0.3, "class prior: more zeros predicted"
+    assert top_class_share(fleet_windows["stuck"]) > top_class_share(fleet_windows["base"]) + 0.3, "a stuck sensor"
+    assert abs(mean_bin(features["concept"]) - mean_bin(base_f)) < 0.3
+    assert abs(share_0(classes["concept"]) - share_0(base_c)) < 0.1
+    base_agreement = agreement(summed(fleet_windows["base"], "feedback"))
+    assert base_agreement > 0.85 and agreement(summed(fleet_windows["concept"], "feedback")) < base_agreement - 0.4
