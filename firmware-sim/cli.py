@@ -18,7 +18,7 @@ from click.core import ParameterSource
 from agent import __version__, protocol
 from agent import logs as agent_logs
 from agent.broker_address import BrokerAddress
-from firmware_sim import fdlimit, rundirs
+from firmware_sim import rundirs
 from firmware_sim.drift import KINDS as DRIFT_KINDS
 from firmware_sim.drift import Drift
 from fleet.examples.modelgen import VARIANTS
@@ -35,15 +35,13 @@ def default_model_dir() -> Path:
     return Path.home() / ".cache" / "edgefleet" / "models"
 
 
-def ensure_model(model_dir: Path, variant: str, seed: int) -> Path:
-    """Build the example model once and reuse it: training is the slow part of starting a simulation."""
-    out = model_dir / f"{variant}-{seed}"
+def ensure_model(out: Path, variant: str, seed: int) -> None:
+    """Build the example model into ``out`` once and reuse it: training is the slow part of starting a simulation."""
     if not (out / "card.json").exists():
         from fleet.examples.modelgen import build_example
 
         click.echo(f"building the {variant!r} digits model in {out} ...", err=True)
         build_example(out, variant=variant, seed=seed)
-    return out
 
 
 def check_broker(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -273,7 +271,7 @@ def run(ctx: click.Context, **_options: Any) -> None:
     With --scenario the run follows a scenario file and its seed: drift and faults per device, per tag or
     fleet-wide; the report (--json, --report FILE) gives each device's ground truth beside what it produced.
     """
-    from firmware_sim.runner import RunError, RunRequest, execute
+    from firmware_sim.runner import RunError, RunRequest, execute, prepare
     from firmware_sim.scenario import Scenario
     from firmware_sim.simulator import SimSettings
 
@@ -282,12 +280,8 @@ def run(ctx: click.Context, **_options: Any) -> None:
         raise click.UsageError(
             "pass --broker URL, --enroll to use the broker of the running `fleet serve`, or --start-broker PORT"
         )
-    try:
-        fdlimit.ensure_open_files(o["devices"])
-    except fdlimit.TooManyDevices as exc:
-        raise click.ClickException(str(exc)) from None
     agent_logs.setup(o["log_level"])
-    models = ensure_model(o["model_dir"] or default_model_dir(), o["variant"], o["seed"])
+    models = (o["model_dir"] or default_model_dir()) / f"{o['variant']}-{o['seed']}"
     with ExitStack() as stack:
         try:
             root = o["state_dir"] or stack.enter_context(rundirs.run_folder())
@@ -311,10 +305,16 @@ def run(ctx: click.Context, **_options: Any) -> None:
         )
         request = RunRequest(settings, ctx.params["scenario"] or Scenario(), o["tags"], o["sites"], o["enroll"],
                              o["home"], o["start_broker"], o["shards"])  # fmt: skip
+        try:
+            plan = prepare(request)
+        except RunError as exc:
+            raise click.ClickException(exc.detail) from None
+        ensure_model(models, o["variant"], o["seed"])
         with stop_on_signals() as stop:
             try:
                 report = execute(
                     request,
+                    plan,
                     simulate=lambda s: set_up(s).run(until=stop.is_set),
                     sharded=lambda s, k: run_sharded(s, k, stop),
                     announce=lambda line: click.echo(line, err=True),

@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.errors import EdgefleetError
 from agent.logs import event
+from firmware_sim import fdlimit
 from firmware_sim.scenario import INSTALL_FAULTS, Plan, Scenario, device_tags
 from firmware_sim.simulator import SimSettings
 
@@ -47,18 +48,32 @@ class RunRequest:
     shards: int = 1
 
 
-def execute(
-    request: RunRequest,
-    simulate: Callable[[SimSettings], dict[str, Any]],
-    sharded: Callable[[SimSettings, int], dict[str, Any]],
-    announce: Callable[[str], None] = lambda _line: None,
-) -> dict[str, Any]:
-    """Run ``request``: ``simulate`` runs the settings in this process, ``sharded`` in K processes; ``announce`` gets
-    a line for the user (the address of a broker the run started). Raises :class:`RunError`."""
+def prepare(request: RunRequest) -> Plan:
+    """The run's plan (each device's tags, drift and faults) once the run is known to be possible: its faults fit how
+    it runs, and the process may open the files its devices need. Nothing is started. Raises :class:`RunError`."""
     s = request.settings
     tags = device_tags(s.device_ids(), _tags(request.tags), request.sites)
     plan = request.scenario.plan(tags, s.seed, s.duration_s)
     _check(request, plan)
+    proxied = sum(1 for p in plan.devices.values() if p.network_faults)
+    try:
+        fdlimit.ensure_open_files(s.devices, s.devices if request.enroll else 0, proxied)
+    except fdlimit.TooManyDevices as exc:
+        raise RunError("too_many_devices", str(exc)) from None
+    return plan
+
+
+def execute(
+    request: RunRequest,
+    plan: Plan,
+    simulate: Callable[[SimSettings], dict[str, Any]],
+    sharded: Callable[[SimSettings, int], dict[str, Any]],
+    announce: Callable[[str], None] = lambda _line: None,
+) -> dict[str, Any]:
+    """Run ``request`` with its ``plan`` (:func:`prepare`): ``simulate`` runs the settings in this process,
+    ``sharded`` in K processes; ``announce`` gets a line for the user (the address of a broker the run started).
+    Raises :class:`RunError`."""
+    s = request.settings
     with contextlib.ExitStack() as stack:
         restarts = None
         if request.start_broker is not None:
