@@ -20,7 +20,7 @@ from typing import Any
 from agent.errors import EdgefleetError
 from agent.logs import event
 from firmware_sim import fdlimit
-from firmware_sim.scenario import INSTALL_FAULTS, Plan, Scenario, device_tags
+from firmware_sim.scenario import INSTALL_FAULTS, Plan, Scenario, ScenarioError, device_tags
 from firmware_sim.simulator import SimSettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,10 @@ def prepare(request: RunRequest) -> Plan:
     it runs, and the process may open the files its devices need. Nothing is started. Raises :class:`RunError`."""
     s = request.settings
     tags = device_tags(s.device_ids(), _tags(request.tags), request.sites)
-    plan = request.scenario.plan(tags, s.seed, s.duration_s)
+    try:
+        plan = request.scenario.plan(tags, s.seed, s.duration_s)
+    except ScenarioError as exc:
+        raise RunError("bad_scenario", f"the scenario does not fit the run: {exc}") from None
     _check(request, plan)
     proxied = sum(1 for p in plan.devices.values() if p.network_faults)
     try:

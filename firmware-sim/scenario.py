@@ -219,8 +219,16 @@ class Scenario:
         return cls(str(data.get("name", "")), fleet, drifts, faults)
 
     def plan(self, tags: Mapping[str, Mapping[str, str]], seed: int, duration_s: float) -> Plan:
-        """Resolve the schedule for the fleet ``tags`` (device id -> its tags, in fleet order) with ``seed``."""
+        """Resolve the schedule for the fleet ``tags`` (device id -> its tags, in fleet order) with ``seed``.
+        :class:`ScenarioError` if an entry names a device that is not in the fleet."""
         per_device: dict[str, tuple[list[Drift], list[Scheduled]]] = {d: ([], []) for d in tags}
+        for n, (_, target) in enumerate((*self.drifts, *self.faults)):
+            unknown = [d for d in target.devices if d not in tags]
+            if unknown:
+                entry = f"[[drift]] #{n + 1}" if n < len(self.drifts) else f"[[fault]] #{n + 1 - len(self.drifts)}"
+                first = next(iter(tags), "")
+                raise ScenarioError(f"{entry} names {unknown[0]}, which is not in this fleet of {len(tags)} "
+                                    f"({first}, ...): name its devices, or mind --id-prefix")  # fmt: skip
         for n, (drift, target) in enumerate(self.drifts):
             for device in target.pick(tags, random.Random(f"{seed}:drift:{n}")):
                 per_device[device][0].append(drift)

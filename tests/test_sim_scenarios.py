@@ -178,6 +178,45 @@ def test_every_shipped_scenario_loads_and_plans_with_its_own_fleet() -> None:
         Scenario.load(shipped("no-such-scenario"))
 
 
+def test_a_shipped_scenario_runs_by_name_and_reports_its_ground_truth(
+    tmp_path: Path, private_broker: MosquittoBroker, example_model: Callable[[str], Path]
+) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "good-7").symlink_to(example_model("good"))  # the scenario's seed is 7
+    store = open_store(tmp_path / "fleet.db")  # a broker and fleet of the test's own: the scenario names sim-0004
+    ingest = Ingest(store, private_broker.url, client_id="shipped-fleet")
+    ingest.start()
+    try:
+        done = sim(tmp_path, "--broker", private_broker.url, "--scenario", "site-drift", "--duration", "3",
+                   "--window", "1", "--model-dir", str(tmp_path / "models"), "--report", "truth.json")  # fmt: skip
+    finally:
+        ingest.stop()
+        store.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "truth.json").read_text())
+    assert report["scenario"] == "site drift" and report["seed"] == 7 and len(report["devices"]) == 30
+    kinds = {d["device_id"]: [x["kind"] for x in d["drifts"]] for d in report["devices"]}
+    assert kinds["sim-0004"][:2] == ["occlusion", "brightness"], "one lens, and its site's light"
+    assert all("prior" in k for k in kinds.values()), "the fleet-wide class mix"
+    assert sum("concept" in k for k in kinds.values()) == 3, "a tenth of 30"
+
+    other = sim(tmp_path, "--broker", private_broker.url, "--scenario", "site-drift", "--id-prefix", "north",
+                "--model-dir", str(tmp_path / "models"), timeout=60)  # fmt: skip
+    errors = [line for line in other.stderr.splitlines() if line.startswith("Error: ")]
+    assert other.returncode == 1 and len(errors) == 1, other.stderr[-2000:]
+    assert "[[drift]] #1 names sim-0004, which is not in this fleet of 30 (north-0000, ...)" in errors[0]
+
+
+def test_the_faults_tour_plans_every_fault() -> None:
+    scenario = Scenario.load(shipped("faults-tour"))
+    fleet = scenario.fleet
+    ids = [f"sim-{i:04d}" for i in range(fleet["devices"])]
+    plan = scenario.plan(device_tags(ids, fleet["tags"], fleet["sites"]), fleet["seed"], fleet["duration"])
+    planned = {s.fault.kind for p in plan.devices.values() for s in p.faults}
+    assert planned == {"silent", "flaky_link", "slow_download", "cut_download", "clock_skew", "power_loss"}
+    assert all(p.tags["hw"] == "sim" for p in plan.devices.values())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
