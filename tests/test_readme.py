@@ -55,7 +55,9 @@ COVERED = {
     "firmware-sim run --enroll --devices 5 --duration 300 --window 2": "test_sim_fleet (its first test)",
     "fleet assign sim-0000 sim-0001 sim-0002 sim-0003 sim-0004 --release digits:1.1.0": "test_sim_fleet",
     "fleet devices list": "test_sim_fleet (--json there)",
-    "firmware-sim run --broker mqtt://127.0.0.1:PORT --scenario site-drift --duration 60 --report truth.json": "test_sim_scenarios (shipped by name)",
+    "firmware-sim run --broker mqtt://127.0.0.1:PORT --scenario site-drift --duration 60 --report truth.json": (
+        "test_sim_scenarios (shipped by name)"
+    ),
     "firmware-sim run --enroll --scenario faults-tour": "test_sim_scenarios: test_the_faults_tour_plans_every_fault",
 }
 
