@@ -22,6 +22,7 @@ from agent.broker_address import BrokerAddress
 from agent.config import UpdateConfig
 from agent.link import MqttLink
 from agent.reactor import Reactor, Timer
+from agent.update.states import State
 from firmware_sim.netfaults import FaultyLink, Proxy
 from firmware_sim.scenario import DevicePlan, Scheduled
 
@@ -50,6 +51,16 @@ def device_clock(plan: DevicePlan, run: RunClock) -> Callable[[], float]:
         return time.time() + sum(float(s.fault.setting("offset")) for s in skews if s.active(elapsed))
 
     return clock
+
+
+def armed(fault_point: Callable[[State], None], start_s: float, run: RunClock) -> Callable[[State], None]:
+    """``fault_point`` from ``start_s`` into the run on; before that, install states pass it by."""
+
+    def point(state: State) -> None:
+        if run.elapsed() >= start_s:
+            fault_point(state)
+
+    return point
 
 
 class DeviceFaults:

@@ -37,7 +37,7 @@ from agent.protocol import DEFAULT_PREFIX, Kind
 from agent.reactor import Reactor, Timer
 from agent.update.states import State
 from firmware_sim.drift import Drift, DriftingFrames
-from firmware_sim.faults import DeviceFaults, RunClock, device_clock
+from firmware_sim.faults import DeviceFaults, RunClock, armed, device_clock
 from firmware_sim.netfaults import Proxy
 from firmware_sim.power import PowerSwitch, drop, quiet_power_cuts
 from firmware_sim.scenario import DevicePlan
@@ -145,7 +145,7 @@ class SimDevice:
     faults: DeviceFaults
     run: RunClock
     #: Builds the device's core again after a power cut: the same config and state folder, a new boot.
-    make_core: Callable[[PowerSwitch | None], AgentCore]
+    make_core: Callable[[Callable[[State], None] | None], AgentCore]
     switch: PowerSwitch | None = None
     feedback_share: float = 0.0
     timer: Timer | None = None
@@ -254,9 +254,10 @@ class Simulation:
             make_core = self._core_maker(config, random.Random(s.seed * 100_003 + i), clock)
             cuts = plan.of("power_loss")
             switch = PowerSwitch(State(cuts[0].state)) if cuts and config.update else None
+            fault_point = armed(switch, cuts[0].fault.start_s, self.run_clock) if switch else None
             rng = np.random.default_rng([s.seed, i])
             device = SimDevice(
-                core=make_core(switch),
+                core=make_core(fault_point),
                 sensor=DigitsSensor(frames, labels, rng),
                 rng=random.Random(s.seed * 100_003 + i + 7),
                 drift=DriftingFrames(plan.drifts, frames, labels),
@@ -272,10 +273,10 @@ class Simulation:
 
     def _core_maker(
         self, config: AgentConfig, rng: random.Random, clock: Callable[[], float]
-    ) -> Callable[[PowerSwitch | None], AgentCore]:
-        def make(switch: PowerSwitch | None) -> AgentCore:
+    ) -> Callable[[Callable[[State], None] | None], AgentCore]:
+        def make(fault_point: Callable[[State], None] | None) -> AgentCore:
             return AgentCore(config, self.reactor, loader=lambda cfg: _Unclosable(self._models.load(cfg)),
-                             clock=clock, rng=rng, fault_point=switch)  # fmt: skip
+                             clock=clock, rng=rng, fault_point=fault_point)  # fmt: skip
 
         return make
 
