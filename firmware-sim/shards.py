@@ -36,6 +36,7 @@ from typing import Any
 import click
 
 from agent import logs as agent_logs
+from agent.update import smoke
 from firmware_sim.cli import set_up
 from firmware_sim.simulator import SimSettings
 
@@ -133,6 +134,7 @@ def _run_shard(settings: SimSettings, level: int, halt: ProcessEvent, sender: Co
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     agent_logs.setup(level)
+    smoke.share_cpus(settings.shard[1])
     parent = os.getppid()
     try:
         # set_up's progress bar counts the whole fleet; a shard sets up its part, so it draws none.

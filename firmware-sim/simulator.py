@@ -35,6 +35,7 @@ from agent.core import AgentCore
 from agent.logs import event
 from agent.protocol import DEFAULT_PREFIX, Kind
 from agent.reactor import Reactor, Timer
+from agent.update import smoke
 from agent.update.states import State
 from firmware_sim.drift import Drift, DriftingFrames
 from firmware_sim.faults import DeviceFaults, RunClock, armed, device_clock
@@ -234,6 +235,8 @@ class Simulation:
             name=MODEL_NAME, path=s.model_dir / s.model_file, card=s.model_dir / "card.json", release=s.release
         )
         plans = {d: s.plan.get(d, DevicePlan()) for i, d in enumerate(s.device_ids()) if s.in_shard(i)}
+        if s.updates:  # hundreds of devices may install at once: fork their smoke tests from a preloaded server
+            smoke.prefork()
         self.proxy = Proxy().start() if any(p.network_faults for p in plans.values()) else None
         for i, device_id in enumerate(s.device_ids()):
             if not s.in_shard(i):

@@ -33,8 +33,9 @@ from agent.config import AgentConfig, ModelConfig, UpdateConfig
 from agent.core import AgentCore
 from agent.reactor import Reactor
 from agent.telemetry import WindowAggregator
+from agent.update import smoke
 from agent.update.journal import FAULT_KILL_AT
-from agent.update.probation import ProbationLimits
+from agent.update.probation import ProbationLimits, Verdict
 from agent.update.smoke import FAULT_SMOKE, run_smoke_test
 from fleet.broker import MosquittoBroker, free_port
 from fleet.trust.releases import ReleaseInfo
@@ -483,6 +484,22 @@ def test_probation_judges_error_rate_latency_and_time() -> None:
     assert verdict.reason == "probation_latency" and "p95 latency" in verdict.detail
 
 
+def test_probation_holds_the_median_against_the_latency_budget_when_time_ends_on_few_inferences() -> None:
+    """A p95 of three rows is the slowest one: one pause of a busy machine must not fail a release; a release slow
+    on most of its few rows still does."""
+    limits = ProbationLimits(inferences=20, seconds=30.0, max_error_rate=0.05, latency_p95_ms=5.0)
+    ok = np.array([[0.9, 0.1]], np.float32)
+    paused = WindowAggregator("digits", "digits:1.1.0", [[0.0, 1.0]] * 2, 2)
+    for latency_s in (0.001, 0.001, 0.080):
+        paused.record(np.zeros((1, 2), np.float32), ok, latency_s)
+    assert limits.judge(paused.totals(), 30.0) == Verdict(True)
+    slow = WindowAggregator("digits", "digits:1.1.0", [[0.0, 1.0]] * 2, 2)
+    for latency_s in (0.001, 0.080, 0.080):
+        slow.record(np.zeros((1, 2), np.float32), ok, latency_s)
+    verdict = limits.judge(slow.totals(), 30.0)
+    assert verdict.reason == "probation_latency" and verdict.detail.startswith("median latency"), verdict
+
+
 def test_a_newer_desired_state_supersedes_a_release_in_probation(
     device: Callable[..., Device], fleet: Fleet, releases: dict[str, ReleaseInfo], example_model: Callable[..., Path]
 ) -> None:
@@ -738,3 +755,26 @@ def test_the_update_table_is_validated_with_errors_that_name_the_key(tmp_path: P
     )
     with pytest.raises(ConfigError, match=r"trusted_root .* not a TUF root"):
         AgentCore(swapped, Reactor())
+
+
+def test_smoke_children_forked_from_a_preloaded_server_are_judged_as_fresh_ones(
+    example_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator's smoke tests (agent.update.smoke.prefork): each still in a child of its own, same verdicts."""
+    monkeypatch.setattr(smoke, "_FORKSERVER", None)
+    smoke.prefork()
+    good, broken = example_model("good"), example_model("broken")
+    card = card_of(good)
+    passed = run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 30)
+    assert passed.passed and passed.median_ms is not None
+    strict = {**card, "smoke_test": {**card["smoke_test"], "latency_budget_ms": 1e-6}}
+    assert run_smoke_test(good / "int8.onnx", "onnxruntime", strict, "int8.onnx", 30).reason == "smoke_too_slow"
+    failing = run_smoke_test(broken / "int8.onnx", "onnxruntime", card_of(broken), "int8.onnx", 30)
+    assert failing.reason in ("smoke_error", "smoke_mismatch"), failing
+    monkeypatch.setenv(FAULT_SMOKE, "SIGKILL")  # read from the agent's environment, however the child starts
+    crashed = run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 30)
+    assert (crashed.reason, crashed.detail) == ("smoke_crashed", "signal 9 (SIGKILL)")
+    monkeypatch.setenv(FAULT_SMOKE, "hang")
+    assert run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 2).reason == "smoke_timeout"
+    monkeypatch.delenv(FAULT_SMOKE)
+    assert run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 30).passed, "the server lives on"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import signal
 import statistics
@@ -31,6 +32,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,16 @@ _STDERR_TAIL = 300
 #: smoke tests of a whole fleet on a small machine (a digits int8 ONNX child takes 0.36-0.44 s of CPU, measured
 #: here on 2 cores, mostly importing the runtime). The wait for a turn is not counted in the child's timeout.
 _CHILDREN = threading.BoundedSemaphore(os.cpu_count() or 1)
+#: Where smoke-test children are forked from once :func:`prefork` is called; None: a fresh interpreter each.
+_FORKSERVER: multiprocessing.context.ForkServerContext | None = None
+
+
+def share_cpus(processes: int) -> None:
+    """This process is one of ``processes`` sharing the machine (the simulator's shards): run at most its share of
+    the CPUs' smoke-test children at once, at least one. Call it before any install starts. Unshared, 2 shards on 2
+    cores ran up to 4 children at once (docs/performance.md, 1,000 simulated devices)."""
+    global _CHILDREN
+    _CHILDREN = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // processes))
 
 
 @dataclass(frozen=True)
@@ -87,17 +99,12 @@ def run_smoke_test(model: Path, runtime: str, card: Mapping[str, Any], file_name
         plan = _plan(card, file_name)
     except ValueError as exc:
         return SmokeResult(False, "smoke_bad_card", str(exc))
-    request = json.dumps({"model": str(model), "runtime": runtime, "inputs": plan.inputs})
+    fault = os.environ.get(FAULT_SMOKE)  # the agent's own environment, however the child starts
+    request = json.dumps({"model": str(model), "runtime": runtime, "inputs": plan.inputs, "fault": fault})
     try:
         with _CHILDREN:
-            done = subprocess.run(
-                [sys.executable, "-m", "agent.update.smoke"],
-                input=request,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
-    except subprocess.TimeoutExpired:  # run() has killed the child
+            done = _run_child(request, timeout_s)
+    except subprocess.TimeoutExpired:  # the child has been killed
         return SmokeResult(False, "smoke_timeout", f"no answer within {timeout_s:g} s")
     if done.returncode < 0:
         sig = -done.returncode
@@ -117,6 +124,50 @@ def run_smoke_test(model: Path, runtime: str, card: Mapping[str, Any], file_name
     return _judge(plan, outputs, median)
 
 
+def _run_child(request: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run the child on ``request``: a fresh interpreter, or a fork of the preloaded server (:func:`prefork`)."""
+    if _FORKSERVER is None:
+        return subprocess.run([sys.executable, "-m", "agent.update.smoke"], input=request, capture_output=True,
+                              text=True, timeout=timeout_s)  # fmt: skip
+    receiver, sender = _FORKSERVER.Pipe(duplex=False)
+    child = _FORKSERVER.Process(target=_forked, args=(request, sender), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        answer = receiver.recv() if receiver.poll(timeout_s) else None
+    except EOFError:  # it died before answering: its exit code says how
+        answer = ""
+    finally:
+        receiver.close()
+    if answer is None:
+        child.kill()
+        child.join()
+        raise subprocess.TimeoutExpired("smoke test", timeout_s)
+    child.join(timeout_s)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    return subprocess.CompletedProcess([], child.exitcode or 0, answer, "")
+
+
+def prefork() -> None:
+    """Start smoke-test children by forking a server that imported the runtime once, instead of a fresh interpreter
+    each: for a process that installs on many devices at once (the simulator). Each test still runs in a child of its
+    own, so a release that crashes or hangs its runtime takes down that child only. A fresh interpreter costs
+    0.36-0.44 s of CPU, mostly importing the runtime: 1,000 simulated devices spent 273 s (p50) waiting for their
+    smoke test (docs/performance.md)."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["agent.update.smoke", "agent.runtime", "onnxruntime"])
+        _FORKSERVER = context
+
+
+def _forked(request: str, sender: Connection) -> None:
+    """The forked child's side: the same answer a fresh child prints, sent back on ``sender``."""
+    sender.send(_answer(json.loads(request)))
+
+
 def _judge(plan: _Plan, outputs: np.ndarray, median: float) -> SmokeResult:
     if outputs.shape != plan.expected.shape:
         return SmokeResult(False, "smoke_mismatch", f"output shape {list(outputs.shape)}, expected "
@@ -131,22 +182,20 @@ def _judge(plan: _Plan, outputs: np.ndarray, median: float) -> SmokeResult:
     return SmokeResult(True, median_ms=median)
 
 
-def _fault_hook() -> None:
-    fault = os.environ.get(FAULT_SMOKE)
+def _fault_hook(fault: str | None) -> None:
     if fault == "hang":
         time.sleep(3600)
     elif fault:
         os.kill(os.getpid(), signal.Signals[fault])
 
 
-def _child() -> int:
-    """The child's side: load, run every sample alone, print one JSON line. The parent judges."""
+def _answer(request: Mapping[str, Any]) -> str:
+    """The child's side: load, run every sample alone, answer one JSON line. The parent judges."""
     from agent.runtime import RuntimeLayerError, load_model
 
-    request = json.loads(sys.stdin.read())
     try:
         model = load_model(request["model"], threads=1, runtime=request["runtime"])
-        _fault_hook()
+        _fault_hook(request.get("fault"))
         rows = np.asarray(request["inputs"], dtype=np.float32)
         model.predict(rows[:1])  # warm-up: first-call allocations are not the model's latency
         outputs, latencies = [], []
@@ -156,9 +205,12 @@ def _child() -> int:
             latencies.append((time.perf_counter() - started) * 1000.0)
             outputs.append(out[0].tolist())
     except RuntimeLayerError as exc:
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        return 0
-    print(json.dumps({"outputs": outputs, "latencies_ms": latencies}))
+        return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+    return json.dumps({"outputs": outputs, "latencies_ms": latencies})
+
+
+def _child() -> int:
+    print(_answer(json.loads(sys.stdin.read())))
     return 0
 
 
