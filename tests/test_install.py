@@ -776,5 +776,8 @@ def test_smoke_children_forked_from_a_preloaded_server_are_judged_as_fresh_ones(
     assert (crashed.reason, crashed.detail) == ("smoke_crashed", "signal 9 (SIGKILL)")
     monkeypatch.setenv(FAULT_SMOKE, "hang")
     assert run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 2).reason == "smoke_timeout"
+    monkeypatch.setenv(FAULT_SMOKE, "exit")  # no answer and no signal: a fresh interpreter decides, and agrees
+    exited = run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 30)
+    assert (exited.reason, exited.detail) == ("smoke_crashed", "exit 3: ")
     monkeypatch.delenv(FAULT_SMOKE)
     assert run_smoke_test(good / "int8.onnx", "onnxruntime", card, "int8.onnx", 30).passed, "the server lives on"

@@ -98,12 +98,14 @@ def test_the_same_scenario_and_seed_give_the_same_ground_truth_in_one_process_or
               str(tmp_path / "models")]  # fmt: skip
     one = sim(tmp_path, *common, "--report", "one.json")
     two = sim(tmp_path, *common, "--shards", "2", "--json")
-    other = sim(tmp_path, *common, "--seed", "2", "--duration", "0", "--json")
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     first, second = json.loads((tmp_path / "one.json").read_text()), json.loads(two.stdout)
     assert ground_truth(first) == ground_truth(second), "same file and seed: the same plan, in one process or two"
-    assert ground_truth(first) != ground_truth(json.loads(other.stdout)), "another seed: another plan"
+    ids = [f"{prefix}-{i:04d}" for i in range(6)]
+    scenario, tags = Scenario.load(path), device_tags(ids, {}, 2)
+    assert ground_truth(first) == scenario.plan(tags, 0, 4).to_json()["devices"], "the report is the plan"
+    assert ground_truth(first) != scenario.plan(tags, 2, 4).to_json()["devices"], "another seed: another plan"
 
     truth = ground_truth(first)
     assert {d: t["tags"] for d, t in truth.items()} == {f"{prefix}-{i:04d}": {"site": f"site-{i % 2}"}
@@ -227,8 +229,8 @@ def test_a_broker_the_run_started_restarts_without_its_state_and_the_fleet_still
     tmp_path: Path, example_model: Callable[[str], Path]
 ) -> None:
     path = tmp_path / "restart.toml"
-    path.write_text("[fleet]\ndevices = 5\nduration = 9\nwindow = 1\nrate = 10\n"
-                    "[[fault]]\nkind = 'broker_restart'\nstart = 3\ndown = 1.5\n")  # fmt: skip
+    path.write_text("[fleet]\ndevices = 5\nduration = 6\nwindow = 1\nrate = 10\n"
+                    "[[fault]]\nkind = 'broker_restart'\nstart = 2\ndown = 1\n")  # fmt: skip
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "good-0").symlink_to(example_model("good"))
     port = free_port()
@@ -250,7 +252,7 @@ def test_a_broker_the_run_started_restarts_without_its_state_and_the_fleet_still
         store.close()
     assert proc.returncode == 0, err[-3000:]
     report = json.loads(out)
-    assert [r["down_s"] >= 1.5 for r in report["broker_restarts"]] == [True]
+    assert [r["down_s"] >= 1 for r in report["broker_restarts"]] == [True]
     totals = report["totals"]
     assert totals["windows_produced"] == totals["windows_acked"] > 0, "nothing lost to the restart"
     assert all(d["connects"] >= 2 for d in report["devices"]), "every device reconnected after the restart"
