@@ -315,7 +315,7 @@ def run(ctx: click.Context, **_options: Any) -> None:
                 report = execute(
                     request,
                     plan,
-                    simulate=lambda s: set_up(s).run(until=stop.is_set),
+                    simulate=lambda s, started: set_up(s).run(until=stop.is_set, on_start=started),
                     sharded=lambda s, k: run_sharded(s, k, stop),
                     announce=lambda line: click.echo(line, err=True),
                 )

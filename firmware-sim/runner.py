@@ -69,13 +69,14 @@ def prepare(request: RunRequest) -> Plan:
 def execute(
     request: RunRequest,
     plan: Plan,
-    simulate: Callable[[SimSettings], dict[str, Any]],
+    simulate: Callable[[SimSettings, Callable[[], None]], dict[str, Any]],
     sharded: Callable[[SimSettings, int], dict[str, Any]],
     announce: Callable[[str], None] = lambda _line: None,
 ) -> dict[str, Any]:
-    """Run ``request`` with its ``plan`` (:func:`prepare`): ``simulate`` runs the settings in this process,
-    ``sharded`` in K processes; ``announce`` gets a line for the user (the address of a broker the run started).
-    Raises :class:`RunError`."""
+    """Run ``request`` with its ``plan`` (:func:`prepare`): ``simulate`` runs the settings in this process (and calls
+    its second argument once the devices started: the scenario's clock starts there), ``sharded`` in K processes (the
+    clock starts as the shards are spawned); ``announce`` gets a line for the user (the address of a broker the run
+    started). Raises :class:`RunError`."""
     s = request.settings
     with contextlib.ExitStack() as stack:
         restarts = None
@@ -94,10 +95,14 @@ def execute(
                 raise RunError(exc.reason, exc.detail) from None
             s = replace(s, broker=url, prefix=prefix, updates=updates)
         s = replace(s, plan=plan.devices)
+        started = restarts.start if restarts is not None else lambda: None
         if restarts is not None:
-            restarts.start()
             stack.callback(restarts.stop)
-        report = sharded(s, request.shards) if request.shards > 1 else simulate(s)
+        if request.shards > 1:
+            started()
+            report = sharded(s, request.shards)
+        else:
+            report = simulate(s, started)
     report["scenario"] = request.scenario.name
     report["broker_restarts"] = restarts.done if restarts is not None else []
     return report

@@ -351,9 +351,14 @@ class Simulation:
         self._models.close()
         self.reactor.close()
 
-    def run(self, until: Callable[[], bool] | None = None) -> dict[str, Any]:
+    def run(
+        self, until: Callable[[], bool] | None = None, on_start: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
+        """Start the devices (then call ``on_start``), run until the duration ends or ``until()``, drain, report."""
         started = time.monotonic()
         self.start()
+        if on_start is not None:
+            on_start()
         deadline = started + self.settings.duration_s
         while time.monotonic() < deadline and not (until and until()):
             self.reactor.run_once(max_wait=min(0.5, max(0.0, deadline - time.monotonic())))

@@ -324,7 +324,7 @@ def assert_each_stored_once(report: dict[str, Any], store: Store, db: Path, at_l
         (0, 41, 2, False, "SIGKILL", False),
         # Persistence on: Mosquitto 2.0.11 restores plain subscriptions but not the workers' $share ones; killed, it
         # also loses what it acknowledged since its last save.
-        (2, 53, 1, True, "SIGTERM", False),
+        pytest.param(2, 53, 1, True, "SIGTERM", False, marks=pytest.mark.slow),  # the killed one below stays
         (0, 59, 1, True, "SIGKILL", False),
         # No persistence, a graceful stop, and an ingest that starts after the devices.
         (0, 67, 1, False, "SIGTERM", True),

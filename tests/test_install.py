@@ -621,7 +621,17 @@ def stop_agent(agent: subprocess.Popen[bytes], log: Path) -> None:
     assert agent.wait(20) == 0, log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize("state", [*INSTALL_STATES, "REVERTING"])
+#: States whose restart action (agent.update.states.ON_RESTART) another state here already takes: their SIGKILL cases
+#: run with `pytest -m slow` (the default run stays under 10 minutes on 2 cores); tests/test_sim_power.py cuts the
+#: power at every state, in process, in every run.
+SAME_RESTART_AS_DOWNLOADING = ("VERIFYING", "STAGED", "SMOKE_TEST")
+
+
+@pytest.mark.parametrize(
+    "state",
+    [pytest.param(s, marks=pytest.mark.slow) if s in SAME_RESTART_AS_DOWNLOADING else s
+     for s in (*INSTALL_STATES, "REVERTING")],
+)  # fmt: skip
 def test_sigkill_at_every_install_state_restarts_into_a_verified_model(
     state: str,
     tmp_path: Path,

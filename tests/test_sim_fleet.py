@@ -209,6 +209,7 @@ def test_run_needs_a_broker_enroll_or_a_broker_of_its_own() -> None:
     assert done.returncode == 2 and wanted in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # the cut costs a 30 s retry back-off; tests/test_sim_netfaults.py covers the proxy in every run
 def test_slow_and_cut_downloads_through_the_fault_proxy_delay_an_install_and_it_still_commits(
     served: Path, tmp_path: Path, example_model: Callable[[str], Path]
 ) -> None:
