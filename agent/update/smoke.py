@@ -158,8 +158,10 @@ def _run_child(request: str, timeout_s: float) -> subprocess.CompletedProcess[st
     if not answer:  # no answer and no signal: not a verdict on the release; the fresh interpreter decides
         event(log, "smoke_fork_fallback", logging.WARNING, exit_code=code)
         return _fresh(request, timeout_s)
-    # The answer is the verdict. An exit status after it is the forkserver's to lose: under load it reported 255 for
-    # children that had answered (2 of 30 simulated installs in one run, 1 of 8 in another).
+    # The answer is the verdict. The exit status after it can be lost: multiprocessing's Process.start() polls every
+    # live child from whichever thread starts one, and two threads reading one child's status pipe leave the loser
+    # 255 ("the forkserver got killed"); installer threads that start smoke tests at once met it (2 of 30 simulated
+    # installs in one run, 1 of 8 in another). A lost status with no answer falls back above.
     return subprocess.CompletedProcess([], 0, answer, "")
 
 
