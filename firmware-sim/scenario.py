@@ -45,7 +45,7 @@ import math
 import random
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +97,6 @@ class Target:
         if self.share is not None:
             chosen = sorted(rng.sample(chosen, round(self.share * len(chosen))), key=list(tags).index)
         return chosen
-
-    def describe(self) -> str:
-        if self.devices:
-            return ",".join(self.devices)
-        where = "fleet" if self.tag is None else "=".join(self.tag)
-        return where if self.share is None else f"{self.share:g} of {where}"
 
 
 @dataclass(frozen=True)
@@ -356,8 +350,3 @@ def _check(fault: Fault, where: str) -> None:
         case _:
             return
     raise ScenarioError(f"{where}: {problem}")
-
-
-def with_fleet(scenario: Scenario, **overrides: Any) -> Scenario:
-    """The scenario with ``[fleet]`` settings replaced (the command line's, which win over the file's)."""
-    return replace(scenario, fleet={**scenario.fleet, **overrides})
