@@ -40,6 +40,8 @@ from fleet.home import Home, addresses_file, init_home, remember_ports, remember
 from fleet.ingest.mqtt import Ingest
 from fleet.ingest.workers import DEFAULT_INGEST_WORKERS, PROBE_TIMEOUT_S, TelemetryWorkers, WorkerSpec, retire
 from fleet.ops.init import ensure_repository
+from fleet.publisher import DesiredPublisher
+from fleet.rollout.controller import CampaignController
 from fleet.store import open_store
 from fleet.trust.renewal import MetadataRenewal
 from fleet.trust.repo_server import RepoServer
@@ -93,6 +95,7 @@ class ServerSettings:
     log_level: str = "INFO"
     ready_timeout: float = 10.0
     probe_timeout: float = PROBE_TIMEOUT_S
+    rollout_tick_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.port is not None and self.broker_url is not None:
@@ -145,6 +148,8 @@ class FleetServer:
         self.broker: Broker | None = None
         self.ingest: Ingest | None = None
         self.workers: TelemetryWorkers | None = None
+        #: The campaign controller (:mod:`fleet.rollout.controller`), running once started.
+        self.controller: CampaignController | None = None
         #: Telemetry workers actually running: the settings' number, or 0 with the amqtt fallback broker.
         self.ingest_workers = settings.ingest_workers
         self._parts = contextlib.ExitStack()
@@ -208,6 +213,11 @@ class FleetServer:
         ready = self.ingest.wait_ready(settings.ready_timeout)
         if not ready or not workers_ready:
             event(log, "broker_unreachable", logging.WARNING, broker=broker_url, retrying=True)
+        self.controller = CampaignController(
+            store, repo, lambda: DesiredPublisher(broker_url, settings.tls), prefix=settings.prefix,
+            tick_s=settings.rollout_tick_s,
+        ).start()  # fmt: skip
+        self._parts.callback(self.controller.stop)  # before the ingest: its last round may still read events
         files = (("ca", settings.tls.ca), ("cert", settings.tls.cert), ("key", settings.tls.key))
         tls = {name: str(path.resolve()) for name, path in files if path}
         info = {"pid": os.getpid(), "broker": broker_url, "repo": self.repo_url, "prefix": settings.prefix, "tls": tls}

@@ -6,7 +6,7 @@ signed entries. Pure functions over :mod:`fleet.store.rows`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -15,10 +15,13 @@ from agent.targets import parse_target_path
 from fleet.store.rows import (
     AuditCheck,
     AuditEntry,
+    Campaign,
+    Decision,
     DesiredRecord,
     Device,
     DeviceDetail,
     Event,
+    Execution,
     Gap,
     InstallOutcome,
     Summary,
@@ -147,3 +150,93 @@ def audit_entry_json(entry: AuditEntry) -> dict[str, Any]:
 
 def audit_check_json(check: AuditCheck) -> dict[str, Any]:
     return asdict(check)
+
+
+def execution_json(e: Execution) -> dict[str, Any]:
+    """One device of a campaign; ``wave`` counts from 1, as people number waves."""
+    return {
+        "device_id": e.device_id,
+        "wave": e.wave + 1,
+        "state": e.state,
+        "reason": e.reason,
+        "detail": e.detail,
+        "from_release": e.from_release,
+        "attempts": e.attempts,
+        "desired_seq": e.desired_seq,
+        "notified_at": iso(e.notified_at),
+        "heard_at": iso(e.heard_at),
+    }
+
+
+def _wave_state(c: Campaign, index: int, counts: Mapping[str, int]) -> str:
+    """Where one wave is: waiting (not started), sending (devices still queued), installing, soaking, done, or
+    stopped (the campaign ended before it was done)."""
+    if index > c.wave:
+        return "stopped" if c.state in ("rolled_back", "aborted", "rolling_back") else "waiting"
+    if index < c.wave or c.state == "succeeded":
+        return "done"
+    if c.state not in ("running", "paused"):
+        return "stopped"
+    if counts.get("queued"):
+        return "sending"
+    return "soaking" if c.wave_done_at is not None else "installing"
+
+
+def campaign_json(
+    c: Campaign, executions: Sequence[Execution], decisions: Sequence[Decision] | None = None
+) -> dict[str, Any]:
+    """`fleet rollout status --json`: the campaign, its waves with their devices counted by state, its gates as last
+    evaluated, each device (``devices``) and the decisions that changed its course. Without ``decisions``, one item
+    of `fleet rollout list --json`: the same less the devices and decisions."""
+    soak_s = float(c.spec.get("soak_s", 0.0))
+    by_wave: dict[int, dict[str, int]] = {}
+    for e in executions:
+        by_wave.setdefault(e.wave, {}).setdefault(e.state, 0)
+        by_wave[e.wave][e.state] += 1
+    totals: dict[str, int] = {}
+    for e in executions:
+        totals[e.state] = totals.get(e.state, 0) + 1
+    waves = []
+    for index in range(c.waves):
+        counts = by_wave.get(index, {})
+        soaking = index == c.wave and c.wave_done_at is not None
+        waves.append({
+            "wave": index + 1,
+            "devices": sum(counts.values()),
+            "state": _wave_state(c, index, counts),
+            "counts": counts,
+            "soak_until": iso(c.wave_done_at + soak_s) if soaking and c.wave_done_at is not None else None,
+        })  # fmt: skip
+    doc: dict[str, Any] = {
+        "id": c.id,
+        "release": c.release,
+        "model": c.model,
+        "state": c.state,
+        "reason": c.reason,
+        "wave": c.wave + 1,
+        "waves": waves,
+        "device_count": len(executions),
+        "counts": totals,
+        "gates": c.gates,
+        "spec": c.spec,
+        "actor": c.actor,
+        "created_at": iso(c.created_at),
+        "updated_at": iso(c.updated_at),
+    }
+    if decisions is not None:
+        doc["devices"] = [execution_json(e) for e in executions]
+        doc["decisions"] = [decision_json(d) for d in decisions]
+    return doc
+
+
+def decision_json(d: Decision) -> dict[str, Any]:
+    """A recorded gate decision: the gate, its verdict, what it led to, and its figures."""
+    return {
+        "ts": iso(d.ts),
+        "wave": d.wave + 1,
+        "gate": d.gate,
+        "verdict": d.verdict,
+        "action": d.action,
+        "detail": d.figures.get("detail"),
+        "figures": d.figures,
+    }

@@ -7,19 +7,25 @@ disk full, read-only, corrupt); nothing else of the backend (no ``sqlite3`` erro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from fleet.store.rows import (
     AuditCheck,
     AuditEntry,
+    Campaign,
+    Decision,
     DesiredRecord,
     Device,
     DeviceDetail,
+    Execution,
     Gap,
     InstallOutcome,
     Reject,
     RepoCommit,
+    RolloutUpdate,
+    StoredEvent,
+    StoredWindow,
     Summary,
     Telemetry,
 )
@@ -110,7 +116,56 @@ class RepoCommits(Protocol):
     def record_repo_commit(self, commit: RepoCommit) -> None: ...
 
 
-class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, RepoCommits, Protocol):
+class Campaigns(Protocol):
+    """Rollout campaigns and their executions (see :mod:`fleet.store.sqlite_campaigns`): created whole, moved by
+    compare-and-set with their audit entry, updated by the controller one round per transaction."""
+
+    def create_campaign(
+        self,
+        campaign: Campaign,
+        executions: Sequence[Execution],
+        exclusive_states: Collection[str],
+        detail: Mapping[str, Any],
+    ) -> tuple[Campaign | None, dict[str, list[str]]]: ...
+
+    def campaigns(self, states: Collection[str] | None = None) -> list[Campaign]: ...
+
+    def campaign(self, campaign_id: str) -> Campaign | None: ...
+
+    def executions(self, campaign_id: str) -> list[Execution]: ...
+
+    def decisions(self, campaign_id: str) -> list[Decision]: ...
+
+    def move_campaign(
+        self,
+        campaign_id: str,
+        expected: str,
+        new: str,
+        *,
+        actor: str,
+        action: str,
+        detail: Mapping[str, Any],
+        reason: str | None = None,
+    ) -> Campaign | None: ...
+
+    def save_rollout(self, update: RolloutUpdate) -> None: ...
+
+    def rollout_cursors(self) -> dict[str, int]: ...
+
+    def events_after(self, rowid: int, types: Collection[str], limit: int = 5000) -> list[StoredEvent]: ...
+
+    def last_event_rowid(self) -> int: ...
+
+    def windows_after(
+        self, rowid: int, model: str, devices: Collection[str], limit: int = 5000
+    ) -> tuple[list[StoredWindow], int]: ...
+
+    def last_window_rowid(self) -> int: ...
+
+    def first_window_rowid_since(self, since: float) -> int: ...
+
+
+class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, RepoCommits, Campaigns, Protocol):
     """Everything the fleet keeps, behind one handle; ``close()`` when done."""
 
     def close(self) -> None: ...

@@ -7,6 +7,7 @@ are the parsed values the device sent.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,3 +197,97 @@ class RepoCommit:
     versions: dict[str, int]
     sha256: dict[str, str]
     recorded_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A rollout campaign: what it ships (``release``, "name:version", of ``model``), how (``spec``: its options as
+    the operator gave them, canonical texts), where it is (``state``; ``wave`` under way, 0-based, -1 before the
+    first; ``wave_done_at`` when every device of that wave finished, which starts its soak) and why it stopped."""
+
+    id: str
+    release: str
+    model: str
+    spec: dict[str, Any]
+    state: str
+    wave: int
+    waves: int
+    wave_done_at: float | None
+    reason: str | None
+    created_at: float
+    updated_at: float
+    actor: str
+    #: The gates as the controller last evaluated them (a list of :func:`fleet.rollout.gates` results as dicts).
+    gates: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One device's part in a campaign. ``desired_seq`` is the last desired state sent it for the release
+    (``first_seq`` the first), ``rollback_seq`` the one that returns it to ``from_release``; ``attempts`` counts the
+    sends; ``heard_at`` is the fleet's clock at the device's last progress (what the device timeout runs from)."""
+
+    campaign_id: str
+    device_id: str
+    wave: int
+    position: int
+    state: str
+    reason: str | None = None
+    detail: str | None = None
+    from_release: str | None = None
+    desired_seq: int | None = None
+    first_seq: int | None = None
+    rollback_seq: int | None = None
+    attempts: int = 0
+    notified_at: float | None = None
+    heard_at: float | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A gate evaluation that changed a campaign's course or a gate's verdict, with its figures (append-only)."""
+
+    id: int
+    campaign_id: str
+    ts: float
+    wave: int
+    gate: str
+    verdict: str
+    figures: dict[str, Any]
+    action: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event with its place in the store (``rowid`` grows with every event stored): what the campaign controller
+    reads, from where it stopped."""
+
+    rowid: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWindow:
+    """A telemetry window (decoded, as the device sent it) with its place in the store and the fleet's clock when it
+    arrived."""
+
+    rowid: int
+    window: dict[str, Any]
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RolloutUpdate:
+    """What one round of the controller changes, written in one transaction: executions (whole rows), campaign
+    fields (``wave``, ``wave_done_at``, ``reason``), gate decisions (without ids), audit entries (actor, action,
+    subject, detail) and the reading places (``cursors``: name -> last rowid read)."""
+
+    executions: Sequence[Execution] = ()
+    campaigns: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    decisions: Sequence[Decision] = ()
+    audit: Sequence[tuple[str, str, str, Mapping[str, Any]]] = ()
+    cursors: Mapping[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.executions or self.campaigns or self.decisions or self.audit or self.cursors)

@@ -193,8 +193,73 @@ def repo_commit(row: Mapping[str, Any]) -> RepoCommit:
         row["recorded_at"],
     )
 
+
+def _schema_v6(db: sqlite_utils.Database) -> None:
+    """Rollout campaigns: each campaign, one execution per device it targets, the gate decisions that changed its
+    course (append-only: the record of why), and how far the controller has read the events and windows."""
+    db["campaigns"].create(
+        {
+            "id": str,
+            "release": str,
+            "model": str,
+            "spec": str,
+            "state": str,
+            "wave": int,
+            "waves": int,
+            "wave_done_at": float,
+            "reason": str,
+            "gates": str,
+            "created_at": float,
+            "updated_at": float,
+            "actor": str,
+        },
+        pk="id",
+        not_null=["release", "model", "spec", "state", "wave", "waves", "created_at", "updated_at", "actor"],
+    )
+    db["executions"].create(
+        {
+            "campaign_id": str,
+            "device_id": str,
+            "wave": int,
+            "position": int,
+            "state": str,
+            "reason": str,
+            "detail": str,
+            "from_release": str,
+            "desired_seq": int,
+            "first_seq": int,
+            "rollback_seq": int,
+            "attempts": int,
+            "notified_at": float,
+            "heard_at": float,
+            "updated_at": float,
+        },
+        pk=("campaign_id", "device_id"),
+        not_null=["wave", "position", "state", "attempts", "updated_at"],
+    )
+    db["executions"].create_index(["device_id"])
+    db["rollout_decisions"].create(
+        {"id": int, "campaign_id": str, "ts": float, "wave": int, "gate": str, "verdict": str, "figures": str,
+         "action": str},
+        pk="id",
+        not_null=["campaign_id", "ts", "wave", "gate", "verdict", "figures"],
+    )  # fmt: skip
+    db["rollout_decisions"].create_index(["campaign_id"])
+    for verb in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER rollout_decisions_no_{verb.lower()} BEFORE {verb} ON rollout_decisions "
+            "BEGIN SELECT RAISE(ABORT, 'gate decisions are append-only'); END"
+        )
+    db["rollout_cursor"].create({"name": str, "rowid": int}, pk="name", not_null=["rowid"])
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
-    _schema_v1, _schema_v2, _schema_v3, _schema_v4, _schema_v5
+    _schema_v1,
+    _schema_v2,
+    _schema_v3,
+    _schema_v4,
+    _schema_v5,
+    _schema_v6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
