@@ -89,7 +89,8 @@ def test_an_install_that_failed_on_a_full_disk_is_tried_again_by_itself_once_the
         filler = fill_disk(partial)
         d = device(device_id=device_id, retry_min_s=1.0, retry_max_s=2.0)
         d.deliver(fleet.desired(device_id, 1, releases["better"]))
-        assert d.tap.wait_for("install_failed")["detail"]["reason"] == "disk_full"
+        failed = d.tap.wait_for("install_failed")["detail"]
+        assert (failed["reason"], failed["retrying"]) == ("disk_full", True), "the outcome says it will be retried"
         scheduled = d.tap.wait_for("install_retry_scheduled")["detail"]
         assert (scheduled["reason"], scheduled["attempt"], scheduled["release"]) == ("disk_full", 1, "digits:1.1.0")
         assert 0.8 * 1.0 <= scheduled["in_s"] <= 1.0
@@ -140,7 +141,7 @@ def test_an_install_refused_for_metadata_a_clock_ahead_calls_expired_is_tried_ag
     d = device(clock=lambda: time.time() + offset[0], **FAST_RETRIES)
     d.deliver(fleet.desired(d.config.device_id, 1, releases["better"], expires=time.time() + 7 * DAY))
     failed = d.tap.wait_for("install_failed")["detail"]
-    assert failed["reason"] == "tuf_refresh_failed" and "xpired" in failed["detail"], failed
+    assert failed["reason"] == "tuf_refresh_failed" and "xpired" in failed["detail"] and failed["retrying"], failed
     d.tap.wait_for("install_retry_scheduled")
     offset[0] = 0.0  # the clock is set right (NTP came back)
     d.tap.wait_for("install_committed", timeout=20)
@@ -153,7 +154,8 @@ def test_a_release_whose_bytes_fail_their_hash_is_never_tried_again(
     fleet.tamper(releases["better"])
     d = device(**FAST_RETRIES)
     d.deliver(fleet.desired(d.config.device_id, 1, releases["better"]))
-    assert d.tap.wait_for("install_failed")["detail"]["reason"] == "hash_mismatch"
+    failed = d.tap.wait_for("install_failed")["detail"]
+    assert (failed["reason"], failed["retrying"]) == ("hash_mismatch", False), "a verdict on the release: no retry"
     time.sleep(3 * FAST_RETRIES["retry_max_s"])  # three retry periods: none may come
     assert not d.tap.of("install_retry_scheduled")
     assert [e["detail"]["state"] for e in d.tap.of("install_state")].count("DOWNLOADING") == 1

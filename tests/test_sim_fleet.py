@@ -53,10 +53,12 @@ def enrolled_sim(
     *options: str,
     devices: int = 5,
     reports: list[dict[str, Any]] | None = None,
+    id_prefix: str = "simfleet",
+    processes: list[subprocess.Popen[str]] | None = None,
 ) -> Iterator[list[str]]:
     """`firmware-sim run --enroll` of ``devices`` devices on the fleet of ``home``, as a process; yields their ids
     once the fleet has heard from each, then ends the run (SIGTERM) and checks that the fleet acknowledged every
-    window; the report is appended to ``reports``."""
+    window; the report is appended to ``reports``, the process to ``processes`` (to stop it, say)."""
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
     if not (models / "good-0").exists():
@@ -64,14 +66,17 @@ def enrolled_sim(
     sim = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, "run", "--enroll", "--home", str(home), "--devices", str(devices),
          "--duration", "120", "--window", "2", "--rate", "20", "--model-dir", str(models),
-         "--state-dir", str(tmp_path / "devices"), "--id-prefix", "simfleet", "--json", *options],
+         "--state-dir", str(tmp_path / "devices"), "--id-prefix", id_prefix, "--json", *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     try:
-        ids = [f"simfleet-{i:04d}" for i in range(devices)]
+        if processes is not None:
+            processes.append(sim)
+        ids = [f"{id_prefix}-{i:04d}" for i in range(devices)]
         wait_for(lambda: set(ids) <= set(listed(home)), 60, "the simulated devices reporting to the fleet")
         yield ids
     finally:
+        sim.send_signal(signal.SIGCONT)  # in case the test stopped it
         sim.send_signal(signal.SIGTERM)  # the run ends early, with its report
         out, err = sim.communicate(timeout=120)
     assert sim.returncode == 0, err[-3000:]

@@ -349,7 +349,7 @@ class Installer:
         except Exception as exc:
             reason, detail, transient = self._failure(name, exc)
         try:
-            self._fail(name, reason, detail)
+            self._fail(name, reason, detail, retrying=is_retryable(reason, transient))
         except (OSError, sqlite3.OperationalError) as exc:
             if not is_disk_full(exc):
                 raise
@@ -500,20 +500,23 @@ class Installer:
 
     # -- failure and revert -------------------------------------------------------------------------------------
 
-    def _fail(self, name: str, reason: str, detail: str) -> None:
-        """Revert an install that failed in its current state, then serve whatever is active now."""
-        self._revert(name, reason, detail, revert_active=self._records[name].state is State.PROBATION)
+    def _fail(self, name: str, reason: str, detail: str, *, retrying: bool = False) -> None:
+        """Revert an install that failed in its current state, then serve whatever is active now. ``retrying``: the
+        outcome says the install will be tried again (its cause passes), so the fleet waits instead of counting it
+        failed."""
+        revert_active = self._records[name].state is State.PROBATION
+        self._revert(name, reason, detail, revert_active=revert_active, retrying=retrying)
         serving = self._host.serving(name)
         active = self._slots[name].active
         wanted = active.model_config(name, None) if active else self._factory[name]
         if serving is None or (serving.path, serving.release) != (wanted.path, wanted.release):
             self._serve_active(name, self._host.activate)
 
-    def _revert(self, name: str, reason: str, detail: str, *, revert_active: bool) -> None:
+    def _revert(self, name: str, reason: str, detail: str, *, revert_active: bool, retrying: bool = False) -> None:
         self._journal.enter(name, Event.FAIL, reason=reason, detail=detail, revert_active=revert_active)
-        self._finish_revert(name)
+        self._finish_revert(name, retrying)
 
-    def _finish_revert(self, name: str) -> None:
+    def _finish_revert(self, name: str, retrying: bool = False) -> None:
         """REVERTING -> IDLE in one transaction: staged dropped; if the active release failed, previous back."""
         rec, slots = self._records[name], self._slots[name]
         if rec.revert_active:
@@ -526,7 +529,7 @@ class Installer:
             slots = ModelSlots(active=fallback)
             kind, extra = "rolled_back", {"to": (fallback or self._factory_records[name]).release}
         else:
-            failed, kind, extra = rec.release, "install_failed", {}
+            failed, kind, extra = rec.release, "install_failed", {"retrying": retrying}
             slots = replace(slots, staged=None)
         outcome = self._journal.outcome(kind, failed, rec.seq, reason=rec.reason, detail=rec.detail, **extra)
         self._journal.enter(name, Event.DONE, slots=slots, reason=rec.reason, detail=rec.detail, outcome=outcome)

@@ -101,7 +101,7 @@ def create(ref: tuple[str, str], select: str | None, waves: str | None, soak: st
 
     Each wave starts after the one before has finished, soaked and passed its gates. A device counts as succeeded
     only once it committed the release after its probation. Exit code 2 for options that do not parse, 3 for an
-    unknown release, 1 when no device fits or another active campaign of the model holds some of them.
+    unknown release, 2 when no device fits, 1 when another active campaign of the model holds some of them.
     """
     try:
         spec = parse_spec(select=select, waves=waves, soak=soak, max_failed=max_failed, max_timed_out=max_timed_out,

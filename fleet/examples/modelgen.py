@@ -66,6 +66,8 @@ class _Recipe:
     init_offset: int = 0
     shuffle_labels: bool = False
     broken: bool = False
+    #: Extra float work appended to the ONNX files' output (exact: identity matrices), in 1024x1024 matmuls a row.
+    slow_layers: int = 0
 
 
 _RECIPES: dict[str, _Recipe] = {
@@ -88,7 +90,9 @@ _RECIPES: dict[str, _Recipe] = {
         hidden=(1024, 1024),
         max_iter=8,  # enough for ~97%; each epoch of this size costs about a second
         version="1.3.0",
-        summary="MLP 64-1024-1024-10: accurate, hundreds of times the work per row",
+        summary="MLP 64-1024-1024-10 (ONNX: plus eight exact identity layers of 1024): accurate, hundreds of times "
+        "the work per row",
+        slow_layers=8,
     ),
     "broken": _Recipe(
         hidden=(32,),
@@ -135,13 +139,13 @@ def build_example(
     clf = _train(recipe, x_train, labels, seed)
 
     say("exporting float.onnx, quantizing int8.onnx, writing int8.tflite")
-    _export(out_dir, clf, x_train, broken=False)
+    _export(out_dir, clf, x_train, broken=False, slow_layers=recipe.slow_layers)
     say(f"measuring each file on {len(x_test)} held-out digits")
     smoke_idx = np.arange(SMOKE_SAMPLES)
     intact = {name: _evaluate(out_dir / name, x_test, y_test, smoke_idx) for name in FILES}
     if recipe.broken:
         say("breaking every file (out-of-range Gather after the softmax)")
-        _export(out_dir, clf, x_train, broken=True)
+        _export(out_dir, clf, x_train, broken=True, slow_layers=recipe.slow_layers)
         measured = {name: _evaluate(out_dir / name, x_test, y_test, smoke_idx) for name in FILES}
     else:
         measured = intact
@@ -223,11 +227,13 @@ def _train(recipe: _Recipe, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
     return clf
 
 
-def _export(out_dir: Path, clf: Any, calibration: np.ndarray, *, broken: bool) -> None:
+def _export(out_dir: Path, clf: Any, calibration: np.ndarray, *, broken: bool, slow_layers: int = 0) -> None:
     from fleet.examples.tflite_export import int8_mlp
 
     float_model = _onnx_mlp(clf.coefs_, clf.intercepts_)
     int8_model = _quantize(float_model, calibration)
+    if slow_layers:
+        float_model, int8_model = _slowed(float_model, slow_layers), _slowed(int8_model, slow_layers)
     if broken:
         float_model, int8_model = _out_of_range_gather(float_model), _out_of_range_gather(int8_model)
     write_atomic(out_dir / "float.onnx", float_model.SerializeToString())
@@ -321,6 +327,33 @@ def _quiet_quantizer() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(keep)
+
+
+def _slowed(model: Any, layers: int, width: int = 1024) -> Any:
+    """Append float work to the output that changes nothing: the probabilities padded to ``width`` columns, through
+    ``layers`` identity matmuls (x * 1.0 + 0.0 is exact), and back to their columns. At batch 1 the runtime's own
+    overhead hides a wide network (the 1024-1024 MLP alone predicts in 2.6x the good one's time, one latency bucket
+    behind the agent's overhead); this is the work that makes `slow` slow per row on any runtime build."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    slowed = onnx.ModelProto()
+    slowed.CopyFrom(model)
+    graph = slowed.graph
+    intact = f"{OUTPUT_NAME}/fast"
+    for node in graph.node:
+        node.output[:] = [intact if o == OUTPUT_NAME else o for o in node.output]
+    pad = np.eye(CLASSES, width, dtype=np.float32)
+    graph.initializer.append(numpy_helper.from_array(pad, "slow/pad"))
+    graph.initializer.append(numpy_helper.from_array(np.eye(width, dtype=np.float32), "slow/identity"))
+    graph.initializer.append(numpy_helper.from_array(pad.T.copy(), "slow/unpad"))
+    current = "slow/wide_0"
+    graph.node.append(helper.make_node("MatMul", [intact, "slow/pad"], [current]))
+    for i in range(layers):
+        graph.node.append(helper.make_node("MatMul", [current, "slow/identity"], [f"slow/wide_{i + 1}"]))
+        current = f"slow/wide_{i + 1}"
+    graph.node.append(helper.make_node("MatMul", [current, "slow/unpad"], [OUTPUT_NAME]))
+    return slowed
 
 
 def _out_of_range_gather(model: Any) -> Any:

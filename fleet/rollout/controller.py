@@ -43,6 +43,7 @@ from fleet.rollout.progress import EVENT_TYPES, on_event, on_silence
 from fleet.rollout.spec import CampaignSpec
 from fleet.rollout.states import (
     ACTIVE,
+    ENDED,
     FINISHED,
     TOUCHED,
     CampaignEvent,
@@ -63,10 +64,16 @@ log = logging.getLogger(__name__)
 ACTOR = "controller"
 #: How far back before a campaign began its devices' telemetry counts as their baseline.
 BASELINE_LOOKBACK_S = 3600.0
-#: Rows read per query; a round reads until it has caught up.
+#: Rows read per query; a round reads events until it has caught up.
 _CHUNK = 5000
+#: Windows a round files at most per campaign: a campaign's first round after a start reads the baseline's hour
+#: (0.14-0.26 ms a window: 1,000 devices with 10 s windows would hold every campaign's round for a minute), so it
+#: reads it over several rounds, its KPI gates pending until it has caught up.
+WINDOWS_PER_ROUND = 20_000
 #: The tag that names a device's time zone (IANA), for maintenance windows.
 TZ_TAG = "tz"
+#: How long an ended campaign still hears from its timed-out devices: the desired states it sent are valid a week.
+WATCH_ENDED_S = 7 * 86400.0
 
 
 @dataclass
@@ -83,7 +90,8 @@ class CampaignController:
     """Drives active campaigns: :meth:`start` runs :meth:`tick` every ``tick_s`` on a thread until :meth:`stop`.
 
     ``connect()`` opens a publisher to the broker (:class:`~fleet.publisher.DesiredPublisher`); ``clock`` is the
-    fleet's clock (seconds since the epoch; tests move it for maintenance windows)."""
+    fleet's clock (seconds since the epoch), the one the store stamps ``received_at`` with: tests that move it (for
+    maintenance windows, timeouts, soaks) stamp the device events they store with it too."""
 
     def __init__(
         self,
@@ -102,6 +110,9 @@ class CampaignController:
         self._verdicts: dict[str, dict[str, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: CPU seconds the controller's rounds took on its thread (what a campaign costs the fleet service).
+        self.cpu_s = 0.0
+        self.rounds = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -117,27 +128,37 @@ class CampaignController:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.thread_time()
             try:
                 self.tick()
             except FleetError as exc:  # the store busy or the broker away: the next round tries again
                 event(log, "rollout_round_failed", logging.WARNING, reason=exc.reason, detail=exc.detail)
             except Exception as exc:  # a bug must not stop every campaign: logged with its traceback, retried
                 event(log, "rollout_round_crashed", logging.ERROR, exc_info=exc)
+            self.cpu_s += time.thread_time() - cpu
+            self.rounds += 1
             self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
 
     # -- one round ----------------------------------------------------------------------------------------------
 
     def tick(self) -> None:
         """One round over every active campaign (see the module docstring)."""
+        now = self._clock()
         campaigns = self._store.campaigns([s.value for s in ACTIVE])
         executions = {c.id: {e.device_id: e for e in self._store.executions(c.id)} for c in campaigns}
-        rounds = {c.id: _Round() for c in campaigns}
-        self._read_events(campaigns, executions, rounds)
+        # An ended campaign still hears its timed-out devices for as long as their desired state is valid: one that
+        # comes back and commits is counted as what it did (rolled back, or succeeded), not left timed out.
+        ended = [c for c in self._store.campaigns([s.value for s in ENDED]) if now - c.updated_at < WATCH_ENDED_S]
+        for c in ended:
+            silent = self._store.executions(c.id, [ExecState.TIMED_OUT.value])
+            if silent:
+                executions[c.id] = {e.device_id: e for e in silent}
+        heard = [*campaigns, *(c for c in ended if c.id in executions)]
+        rounds = {c.id: _Round() for c in heard}
+        self._read_events(heard, executions, rounds)
+        caught_up = {c.id: self._read_windows(c, executions[c.id]) for c in campaigns}
         for c in campaigns:
-            self._read_windows(c, executions[c.id])
-        for c in campaigns:
-            self._campaign_round(c, executions[c.id], rounds[c.id])
+            self._campaign_round(c, executions[c.id], rounds[c.id], caught_up[c.id])
 
     def _read_events(
         self, campaigns: Sequence[Campaign], executions: dict[str, dict[str, Execution]], rounds: dict[str, _Round]
@@ -171,23 +192,25 @@ class CampaignController:
             r.executions.clear()
         return cursor
 
-    def _read_windows(self, c: Campaign, executions: dict[str, Execution]) -> None:
-        """File the campaign's windows stored since the last round (from the baseline's start, after a restart)."""
+    def _read_windows(self, c: Campaign, executions: dict[str, Execution]) -> bool:
+        """File the campaign's windows stored since the last round (from the baseline's start, after a restart), up
+        to :data:`WINDOWS_PER_ROUND`; whether it has caught up."""
         evidence = self._evidence.get(c.id)
         if evidence is None:
             evidence = self._evidence[c.id] = Evidence(c.release, c.created_at)
             self._window_cursor[c.id] = self._store.first_window_rowid_since(c.created_at - BASELINE_LOOKBACK_S)
             self._verdicts[c.id] = {d.gate: d.verdict for d in self._store.decisions(c.id)}
-        while True:
+        for _ in range(WINDOWS_PER_ROUND // _CHUNK):
             found, last = self._store.windows_after(self._window_cursor[c.id], c.model, executions, _CHUNK)
             for w in found:
                 evidence.add(w.window, w.received_at, executions[w.window["device_id"]])
             done = last == self._window_cursor[c.id]
             self._window_cursor[c.id] = last
             if done:
-                break
+                return True
+        return False
 
-    def _campaign_round(self, c: Campaign, executions: dict[str, Execution], r: _Round) -> None:
+    def _campaign_round(self, c: Campaign, executions: dict[str, Execution], r: _Round, caught_up: bool) -> None:
         state = CampaignState(c.state)
         spec = CampaignSpec.from_dict(c.spec)
         now = self._clock()
@@ -196,7 +219,7 @@ class CampaignController:
             state = CampaignState(c.state)
         if state is CampaignState.RUNNING:
             self._timeouts(c, executions, r, now, spec.device_timeout_s, spec.retries)
-            self._running(c, spec, executions, r, now)
+            self._running(c, spec, executions, r, now, caught_up)
         elif state is CampaignState.ROLLING_BACK:
             self._timeouts(c, executions, r, now, spec.device_timeout_s, 0)
             self._rolling_back(c, executions, r)
@@ -219,14 +242,14 @@ class CampaignController:
             self._send(c, due, executions, r, rollback=False)
 
     def _running(
-        self, c: Campaign, spec: CampaignSpec, executions: dict[str, Execution], r: _Round, now: float
+        self, c: Campaign, spec: CampaignSpec, executions: dict[str, Execution], r: _Round, now: float, caught_up: bool
     ) -> None:
         wave = max(c.wave, 0)
         sent = [e for e in executions.values() if e.wave <= wave]
         complete = all(ExecState(e.state) in FINISHED for e in sent)
         results = gates.evaluate(
             spec, list(executions.values()), wave, self._evidence[c.id].groups(executions.values()),
-            wave_complete=complete,
+            wave_complete=complete, kpis_ready=caught_up,
         )  # fmt: skip
         self._record_gates(c, results, r, now)
         if failed := gates.tripped(results):
@@ -352,7 +375,7 @@ class CampaignController:
                         state = next_exec(ExecState(e.state), move)
                         if state is None:
                             continue
-                        sent_at = time.time()
+                        sent_at = self._clock()
                         moved = replace(e, state=state.value, notified_at=sent_at, heard_at=sent_at)
                         if rollback:
                             moved = replace(moved, rollback_seq=record.seq)

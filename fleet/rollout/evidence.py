@@ -8,7 +8,8 @@ Each window of the campaign's model that a targeted device sends lands in one of
 * ``after``: on the campaign's release.
 
 A window on the old release received after the device was sent the release (while it downloads, or after a revert)
-is neither. Times are the fleet's (``received_at``): a device's clock may be skewed. The piles are integer counts
+is neither, and so is a window on any third release (one a rolled-back campaign left in the last hour). Times are the
+fleet's (``received_at``): a device's clock may be skewed. The piles are integer counts
 (:class:`~fleet.rollout.kpi.Sample`), so the controller builds them incrementally as windows arrive, and builds them
 again from the store after a restart.
 """
@@ -57,6 +58,8 @@ class Evidence:
         if window["release"] == self.release:
             if execution.notified_at is not None:
                 piles.after = piles.after.add(window)
+        elif window["release"] != execution.from_release:
+            return  # another release it ran (before the one it runs now, or a campaign's that was rolled back)
         elif execution.notified_at is None or received_at < execution.notified_at:
             if received_at < self.started_at:
                 piles.pre = piles.pre.add(window)

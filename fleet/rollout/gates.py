@@ -53,10 +53,17 @@ def share_gate(gate: str, what: str, hits: int, finished: int, limit_pct: float,
 
 
 def evaluate(
-    spec: CampaignSpec, executions: Sequence[Execution], wave: int, groups: Groups, *, wave_complete: bool
+    spec: CampaignSpec,
+    executions: Sequence[Execution],
+    wave: int,
+    groups: Groups,
+    *,
+    wave_complete: bool,
+    kpis_ready: bool = True,
 ) -> list[GateResult]:
     """Every gate of the campaign now. ``wave`` is the wave under way; ``wave_complete`` lowers the shares' minimum
-    to the devices sent the release when the wave is done and fewer than ``min_devices`` were."""
+    to the devices sent the release when the wave is done and fewer than ``min_devices`` were; without
+    ``kpis_ready`` (the controller is still reading the campaign's telemetry) the KPI gates are pending."""
     states = [ExecState(e.state) for e in executions]
     finished = sum(s in FINISHED for s in states)
     sent = sum(e.wave <= wave and e.attempts > 0 for e in executions)
@@ -69,6 +76,11 @@ def evaluate(
         share_gate("timed_out", "timed out", timed_out, finished, spec.max_timed_out, min_count),
     ]
     for kpi in spec.kpi_gates:
+        if not kpis_ready:
+            read = groups.upgraded.windows + groups.baseline.windows + groups.control.windows
+            reading = f"reading the campaign's telemetry: {read} windows so far"
+            results.append(GateResult(kpi.text, PENDING, None, kpi.text, reading))
+            continue
         r = evaluate_kpi(kpi, groups.upgraded, groups.baseline, groups.control, min_count=spec.kpi_min_count)
         figures = {"baseline": r.baseline, "control": r.control, "p_value": r.p_value, "count": r.count,
                    "devices": r.devices}  # fmt: skip

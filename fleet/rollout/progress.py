@@ -38,9 +38,11 @@ _STEP: Mapping[str, ExecEvent] = {
 }
 
 #: Failures whose cause passes by itself: the device tries again on its own (``agent.update.retry``), and the fleet
-#: sends the state again after a timeout. Every other reason is a verdict on the release (a signature, a hash, the
-#: smoke test, probation, a crash loop) and is never retried.
-TRANSIENT_REASONS = frozenset({"download_failed", "io_error", "disk_full", "internal_error"})
+#: sends the state again after a timeout. An ``install_failed`` says so itself (``retrying``, since agent 0.1.0: a
+#: TUF refresh cut by the network is, one refused for a signature is not); for a device that does not, these reasons
+#: are taken as passing. Every other reason is a verdict on the release (a signature, a hash, the smoke test,
+#: probation, a crash loop) and is never retried.
+TRANSIENT_REASONS = frozenset({"download_failed", "download_deadline", "io_error", "disk_full", "internal_error"})
 
 
 def _detail(event: Event) -> Mapping[str, Any]:
@@ -68,8 +70,11 @@ def classify(event: Event, execution: Execution, release: str) -> tuple[ExecEven
     if event.type == "install_committed":
         return ExecEvent.COMMITTED, None, None
     if event.type in ("install_failed", "rolled_back"):
-        transient = reason in TRANSIENT_REASONS
+        retrying = detail.get("retrying")
+        transient = retrying if isinstance(retrying, bool) else reason in TRANSIENT_REASONS
         return (ExecEvent.TRANSIENT if transient else ExecEvent.FAILED), reason, text
+    if event.type == "install_retry_scheduled":
+        return ExecEvent.TRANSIENT, reason, None
     return None, None, None
 
 
@@ -86,12 +91,13 @@ def on_event(execution: Execution, event: Event, release: str, model: str) -> Ex
     if event.type == "desired_rejected":
         detail = _detail(event)
         return replace(heard, reason=f"desired state rejected: {detail.get('reason')}", detail=detail.get("detail"))
+    alive = heard if heard.heard_at != execution.heard_at else None
     move, reason, text = classify(event, execution, release)
     if move is None:
-        return heard if event.type in ("desired_accepted", "install_retry_scheduled") else None
+        return alive if event.type in ("desired_accepted", "install_retry_scheduled") else None
     state = next_exec(ExecState(execution.state), move)
     if state is None:
-        return None
+        return alive
     if state is ExecState(execution.state) and reason is None:
         return heard
     if state is ExecState.SUCCEEDED:

@@ -113,18 +113,29 @@ def parse_spec(
     given: dict[str, Any] = {
         "select": parse_selector(select).text if select else None,
         "waves": waves,
-        "soak_s": parse_duration(soak) if soak is not None else None,
+        "soak_s": _duration("--soak", soak),
         "max_failed": max_failed,
         "max_timed_out": max_timed_out,
         "min_devices": min_devices,
         "kpi_min_count": kpi_min_count,
         "on_failure": on_failure,
-        "device_timeout_s": parse_duration(device_timeout) if device_timeout is not None else None,
+        "device_timeout_s": _duration("--device-timeout", device_timeout),
         "retries": retries,
         "window": parse_window(window).text if window else None,
         "spread_by": spread_by,
         "seed": seed if seed is not None else secrets.randbelow(2**31),
     }
+    if "none" in kpis and len(kpis) > 1:
+        raise ValueError("--kpi none turns every KPI gate off: give it alone, or only the gates you want")
     if kpis:
         given["kpis"] = () if list(kpis) == ["none"] else tuple(parse_kpi(k).text for k in kpis)
     return CampaignSpec(**{k: v for k, v in given.items() if v is not None})
+
+
+def _duration(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None

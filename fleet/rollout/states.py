@@ -12,6 +12,7 @@ A device's execution (``EXEC_TRANSITIONS``)::
     queued --notify--> notified --downloading--> downloading --installing--> installing --probation--> probation
         --committed--> succeeded
     notified .. probation --failed--> failed;  --transient--> retrying (the device tries again by itself)
+    failed --transient--> retrying                                       (the device's retry notice came after it)
     notified .. probation, retrying --timeout--> timed_out
     in flight, failed, timed_out --notify--> notified                    (a retry: a new desired state, same release)
     any touched state --rollback--> rolling_back --reverted--> rolled_back;  rolling_back --timeout--> timed_out
@@ -51,6 +52,7 @@ class CampaignEvent(StrEnum):
 
 #: States in which the controller still has work: everything but the three ends.
 ACTIVE = frozenset({CampaignState.PENDING, CampaignState.RUNNING, CampaignState.PAUSED, CampaignState.ROLLING_BACK})
+ENDED = frozenset(CampaignState) - ACTIVE
 
 _C, _CE = CampaignState, CampaignEvent
 TRANSITIONS: Mapping[tuple[CampaignState, CampaignEvent], CampaignState] = MappingProxyType(
@@ -83,7 +85,8 @@ def next_campaign(state: CampaignState, event: CampaignEvent) -> CampaignState:
     except KeyError:
         takes = sorted(e.value for (s, e) in TRANSITIONS if s is state)
         allowed = f"it takes {', '.join(takes)}" if takes else "it has ended"
-        raise IllegalMove(f"a {state.value} campaign cannot {event.value}: {allowed}") from None
+        article = "an" if state.value[0] in "aeiou" else "a"
+        raise IllegalMove(f"{article} {state.value} campaign cannot {event.value}: {allowed}") from None
 
 
 class ExecState(StrEnum):
@@ -142,6 +145,7 @@ def _exec_table() -> dict[tuple[ExecState, ExecEvent], ExecState]:
             table[(state, _E.TIMEOUT)] = _S.TIMED_OUT
     for state in (*IN_FLIGHT, _S.FAILED, _S.TIMED_OUT):
         table[(state, _E.NOTIFY)] = _S.NOTIFIED
+    table[(_S.FAILED, _E.TRANSIENT)] = _S.RETRYING  # its retry notice came after the failure
     for state in TOUCHED - {_S.ROLLING_BACK, _S.ROLLED_BACK}:
         table[(state, _E.ROLLBACK)] = _S.ROLLING_BACK
     table[(_S.ROLLING_BACK, _E.REVERTED)] = _S.ROLLED_BACK

@@ -90,9 +90,17 @@ class SqliteCampaigns:
         rows = self._rows("SELECT * FROM campaigns WHERE id = ?", (campaign_id,))
         return _campaign(rows[0]) if rows else None
 
-    def executions(self: _Host, campaign_id: str) -> list[Execution]:
-        """A campaign's executions in wave order (the order devices are sent the release)."""
-        rows = self._rows("SELECT * FROM executions WHERE campaign_id = ? ORDER BY position", (campaign_id,))
+    def executions(self: _Host, campaign_id: str, states: Collection[str] | None = None) -> list[Execution]:
+        """A campaign's executions in wave order (the order devices are sent the release); only those in ``states``
+        when given."""
+        if states is None:
+            rows = self._rows("SELECT * FROM executions WHERE campaign_id = ? ORDER BY position", (campaign_id,))
+        else:
+            marks = ", ".join("?" * len(states))
+            rows = self._rows(
+                f"SELECT * FROM executions WHERE campaign_id = ? AND state IN ({marks}) ORDER BY position",
+                (campaign_id, *states),
+            )
         return [Execution(**r) for r in rows]
 
     def decisions(self: _Host, campaign_id: str) -> list[Decision]:
