@@ -59,6 +59,12 @@ COVERED = {
         "test_sim_scenarios (shipped by name)"
     ),
     "firmware-sim run --enroll --scenario faults-tour": "test_sim_scenarios: test_the_faults_tour_plans_every_fault",
+    "fleet rollout create --release digits:1.1.0 --waves 10,50,100 --soak 2m --spread-by site": (
+        "test_rollout_flow: test_a_good_release_reaches_every_device_wave_by_wave_with_no_rollback"
+    ),
+    "fleet rollout status rollout-1 --watch": "test_rollout_cli: --watch until the campaign ends",
+    "fleet rollout pause rollout-1": "test_rollout_flow: test_pause_holds_the_next_wave_resume_finishes_it...",
+    "fleet rollout list --json": "test_rollout_cli",
 }
 
 

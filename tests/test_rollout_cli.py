@@ -167,6 +167,18 @@ def test_create_without_json_prints_the_id_and_warns_that_no_fleet_serve_runs(ho
     assert "`fleet serve` is not running on this home" in result.stderr
 
 
+def test_status_watch_follows_a_campaign_to_its_end_one_json_document_per_change(home: Path) -> None:
+    create(home)
+    ok_json("rollout", "abort", "rollout-1", "--home", home)
+    watched = fleet("rollout", "status", "rollout-1", "--watch", "--json", "--interval", "0.05", "--home", home)
+    assert watched.exit_code == 0, watched.output
+    (doc,) = [json.loads(line) for line in watched.stdout.splitlines()]  # ended: printed once, then it returns
+    assert (doc["state"], [w["state"] for w in doc["waves"]]) == ("aborted", ["stopped", "stopped", "stopped"])
+    shown = fleet("rollout", "status", "rollout-1", "--watch", "--home", home)
+    assert shown.exit_code == 0 and "rollout-1" in shown.stdout and "aborted" in shown.stdout, shown.output
+    assert "why: abort by" in shown.stdout
+
+
 def test_a_second_overlapping_campaign_exits_1_and_says_nothing_was_created(home: Path) -> None:
     create(home)
     line = one_error_line(create(home), 1)

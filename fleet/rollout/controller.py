@@ -309,7 +309,7 @@ class CampaignController:
         if window is None:
             return list(candidates)
         candidates = list(candidates)
-        tags = {d.device_id: d.tags for d in self._store.devices()} if candidates else {}
+        tags = self._store.tags() if candidates else {}
         open_now = []
         for e in candidates:
             tz = tags.get(e.device_id, {}).get(TZ_TAG)

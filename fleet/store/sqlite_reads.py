@@ -138,6 +138,11 @@ class SqliteReads:
             sum(g.missing for g in gaps),
         )
 
+    def tags(self) -> dict[str, dict[str, str]]:
+        """Every enrolled device's tags (its latest enrollment's), without the registry's per-device counts."""
+        rows = self._rows("SELECT device_id, json_extract(detail, '$.tags') AS tags FROM enrollments")
+        return {r["device_id"]: loads(r["tags"]) or {} for r in rows}
+
     def gaps(self, device_id: str | None = None) -> list[Gap]:
         """The runs of seqs missing between a device's stored windows and events (every device's, without
         ``device_id``), by device and seq. Seqs before the first stored one and after the last are not gaps: the
