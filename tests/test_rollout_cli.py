@@ -148,7 +148,7 @@ def test_create_when_every_selected_device_already_runs_the_release_exits_2(home
 
 def test_create_json_gives_the_id_and_list_shows_it_pending_while_no_fleet_serve_runs(home: Path) -> None:
     made = ok_json("rollout", "create", "--release", NEW, "--kpi", "none", "--seed", "1", "--home", home)
-    assert made == {"id": "rollout-1", "skipped": {}}
+    assert made == {"id": "rollout-1", "skipped": {}, "cannot_roll_back": {}}
     (listed,) = ok_json("rollout", "list", "--home", home)
     assert (listed["id"], listed["release"], listed["state"], listed["device_count"]) == (
         "rollout-1",
@@ -158,6 +158,20 @@ def test_create_json_gives_the_id_and_list_shows_it_pending_while_no_fleet_serve
     )
     status = ok_json("rollout", "status", "1", "--home", home)
     assert (status["id"], status["state"]) == ("rollout-1", "pending")
+
+
+def test_create_names_the_devices_a_rollback_could_not_return_a_factory_model_to(home: Path) -> None:
+    with contextlib.closing(open_store(home / "fleet.db")) as store:
+        store.write_batch(
+            status=[{"v": protocol.SCHEMA_VERSION, "device_id": "cli-factory", "state": "online", "boot_id": "f" * 32,
+                     "hardware": {"machine": platform.machine()}, "models": {"digits": {"release": "digits:good"}}}]
+        )  # fmt: skip
+    made = ok_json("rollout", "create", "--release", NEW, "--kpi", "none", "--home", home)
+    assert made["cannot_roll_back"] == {
+        "cli-factory": "it ran digits:good, which is not a published release (a factory model): it keeps what it runs"
+    }
+    result = fleet("rollout", "create", "--release", OLD, "--select", "release=digits:good", "--home", home)
+    assert result.exit_code == 1 and "another active campaign" in result.output  # it is in rollout-1 already
 
 
 def test_create_without_json_prints_the_id_and_warns_that_no_fleet_serve_runs(home: Path) -> None:

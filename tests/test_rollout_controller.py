@@ -80,18 +80,18 @@ class Fleet:
             clock=self.clock,
         )  # fmt: skip
 
-    def add_devices(self, n: int, *, tz: str | None = None, site: str = "north") -> list[str]:
+    def add_devices(self, n: int, *, tz: str | None = None, site: str = "north", runs: str = OLD) -> list[str]:
         ids = [f"rc-{uuid.uuid4().hex[:10]}" for _ in range(n)]
-        self.store.write_batch(status=[self.birth(d) for d in ids])
+        self.store.write_batch(status=[self.birth(d, runs) for d in ids])
         for d in ids:
             self.store.record_enrollment(d, "test", {"tags": {"site": site, **({"tz": tz} if tz else {})}})
         return ids
 
-    def birth(self, device_id: str) -> dict[str, Any]:
+    def birth(self, device_id: str, runs: str = OLD) -> dict[str, Any]:
         runtime = self.repo.release("digits", "1.1.0")["runtime"]
         return {"v": protocol.SCHEMA_VERSION, "device_id": device_id, "state": "online", "boot_id": BOOT,
                 "agent_version": "0.4.0", "hardware": {"machine": platform.machine()}, "runtimes": [runtime],
-                "models": {"digits": {"release": OLD}}}  # fmt: skip
+                "models": {"digits": {"release": runs}}}  # fmt: skip
 
     def create(self, **options: Any) -> Campaign:
         spec = parse_spec(kpis=["none"], seed=1, **options)
@@ -348,3 +348,29 @@ def test_a_device_sent_its_state_in_a_maintenance_window_is_timed_out_on_the_sam
     controller.tick()
     resent = f.desired_seq(device)
     assert sent_seq is not None and resent is not None and resent > sent_seq
+
+
+def test_a_rollback_of_devices_on_a_factory_model_ends_leaving_them_where_they_are_and_says_why(
+    fleet_home: Fleet,
+) -> None:
+    f = fleet_home
+    factory = f.add_devices(2, runs="digits:good")  # the model their image came with: no signed release to send
+    returnable = f.add_devices(1)
+    campaign = f.create(waves="100", soak="0s")
+    controller = f.controller()
+    controller.tick()
+    for device in [*factory, *returnable]:
+        f.report(device, "install_committed")
+    controller.tick()
+    ops.act(f.store, campaign.id, "rollback", actor="op")
+    controller.tick()
+    assert [f.desired_ref(d) for d in returnable] == [OLD]
+    assert [f.desired_ref(d) for d in factory] == [NEW, NEW], "nothing to send them: their state stays"
+    f.report(returnable[0], "install_committed", release=OLD)
+    controller.tick()
+    assert f.campaign(campaign).state == "rolled_back", "the rollback ends: it waits on no device it cannot send"
+    rows = {e.device_id: e for e in f.store.executions(campaign.id)}
+    assert rows[returnable[0]].state == "rolled_back"
+    for device in factory:
+        assert (rows[device].state, rows[device].reason) == ("succeeded", "nothing_to_return_to")
+        assert "digits:good, which is not a published release" in (rows[device].detail or "")

@@ -114,7 +114,7 @@ def create(ref: tuple[str, str], select: str | None, waves: str | None, soak: st
         made = ops.create(store, open_repository(home, store), *ref, spec, actor=actor())
         executions = store.executions(made.campaign.id)
     if as_json:
-        echo_json({"id": made.campaign.id, "skipped": made.skipped})
+        echo_json({"id": made.campaign.id, "skipped": made.skipped, "cannot_roll_back": made.cannot_roll_back})
         return
     click.echo(made.campaign.id)
     sizes = ", ".join(str(sum(e.wave == w for e in executions)) for w in range(made.campaign.waves))
@@ -123,6 +123,10 @@ def create(ref: tuple[str, str], select: str | None, waves: str | None, soak: st
     if made.skipped:
         some = "; ".join(f"{d} ({why})" for d, why in list(made.skipped.items())[:5])
         click.echo(f"left out {len(made.skipped)}: {some}", err=True)
+    if made.cannot_roll_back:
+        device_id, why = next(iter(made.cannot_roll_back.items()))
+        click.echo(f"{len(made.cannot_roll_back)} devices could not be rolled back ({device_id}: {why}); assign them a "
+                   "published release first to make them returnable", err=True)  # fmt: skip
     if not _serving(home):
         click.echo("`fleet serve` is not running on this home: the campaign starts when it does", err=True)
 

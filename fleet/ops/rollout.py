@@ -33,10 +33,28 @@ ACTIONS = {
 
 @dataclass(frozen=True)
 class Created:
-    """A recorded campaign, and the devices the selection matched that it left out, with why."""
+    """A recorded campaign, the devices the selection matched that it left out (with why), and the devices a
+    rollback could not return (with why: :func:`unreturnable`)."""
 
     campaign: Campaign
     skipped: dict[str, str]
+    cannot_roll_back: dict[str, str]
+
+
+def unreturnable(repo: Repository, model: str, ref: str | None) -> str | None:
+    """Why a device that ran ``ref`` before a campaign could not be sent it back by a rollback (None if it can): it
+    ran no release of the model, or one the repository does not hold (a factory model) or has revoked since. Such a
+    device keeps what it runs; its own revert still undoes a release that fails on it."""
+    if ref is None:
+        return f"it ran no release of {model} before this campaign"
+    name, _, version = ref.partition(":")
+    try:
+        release = repo.release(name, version)
+    except NotFound:
+        return f"it ran {ref}, which is not a published release (a factory model): it keeps what it runs"
+    if release["revoked"]:
+        return f"it ran {ref}, which is revoked: it keeps what it runs"
+    return None
 
 
 def create(store: Store, repo: Repository, name: str, version: str, spec: CampaignSpec, *, actor: str) -> Created:
@@ -83,7 +101,9 @@ def create(store: Store, repo: Repository, name: str, version: str, spec: Campai
         raise FleetError("overlapping_campaign", f"another active campaign of {name} targets some of these devices: "
                          f"{held}", "wait for it to end, abort it (`fleet rollout abort ID`), or --select other "
                          "devices. Nothing was created")  # fmt: skip
-    return Created(made, skipped)
+    why_not = {ref: unreturnable(repo, name, ref) for ref in {e.from_release for e in executions}}
+    cannot = {e.device_id: why for e in executions if (why := why_not[e.from_release]) is not None}
+    return Created(made, skipped, cannot)
 
 
 def act(store: Store, campaign_id: str, action: str, *, actor: str, reason: str | None = None) -> Campaign:

@@ -37,6 +37,7 @@ from agent import protocol
 from agent.logs import event
 from fleet.errors import FleetError
 from fleet.ops import assign as ops_assign
+from fleet.ops import rollout as ops_rollout
 from fleet.rollout import gates
 from fleet.rollout.evidence import Evidence
 from fleet.rollout.progress import EVENT_TYPES, on_event, on_silence
@@ -72,6 +73,8 @@ _CHUNK = 5000
 WINDOWS_PER_ROUND = 20_000
 #: The tag that names a device's time zone (IANA), for maintenance windows.
 TZ_TAG = "tz"
+#: An execution's reason when its device cannot be rolled back (see :func:`fleet.ops.rollout.unreturnable`).
+NOTHING_TO_RETURN_TO = "nothing_to_return_to"
 #: How long an ended campaign still hears from its timed-out devices: the desired states it sent are valid a week.
 WATCH_ENDED_S = 7 * 86400.0
 
@@ -324,27 +327,29 @@ class CampaignController:
     def _rolling_back(self, c: Campaign, executions: dict[str, Execution], r: _Round) -> None:
         """Send every touched device not yet sent back its ``from_release``; end the rollback when none is left."""
         due, stranded = [], []
+        why_not: dict[str | None, str | None] = {}
         for e in executions.values():
             state = ExecState(e.state)
             if state not in TOUCHED or state in (ExecState.ROLLING_BACK, ExecState.ROLLED_BACK):
                 continue
             if e.rollback_seq is not None:  # timed out on its way back: its state waits for it on the broker
                 continue
-            if e.from_release is None:
-                if e.reason != "nothing_to_return_to":
-                    stranded.append(e)
+            if e.reason == NOTHING_TO_RETURN_TO:
+                continue
+            if e.from_release not in why_not:
+                why_not[e.from_release] = ops_rollout.unreturnable(self._repo, c.model, e.from_release)
+            if (why := why_not[e.from_release]) is not None:
+                stranded.append((e, why))
                 continue
             due.append(e)
-        for e in stranded:
-            executions[e.device_id] = r.executions[e.device_id] = replace(
-                e, reason="nothing_to_return_to", detail=f"it ran no release of {c.model} before this campaign"
-            )
+        for e, why in stranded:
+            executions[e.device_id] = r.executions[e.device_id] = replace(e, reason=NOTHING_TO_RETURN_TO, detail=why)
         if due:
             self._send(c, due, executions, r, rollback=True)
         if any(ExecState(e.state) is ExecState.ROLLING_BACK for e in executions.values()):
             return
-        if any(e.rollback_seq is None and e.from_release and ExecState(e.state) in TOUCHED - {ExecState.ROLLED_BACK}
-               for e in executions.values()):  # fmt: skip
+        if any(e.rollback_seq is None and e.reason != NOTHING_TO_RETURN_TO
+               and ExecState(e.state) in TOUCHED - {ExecState.ROLLED_BACK} for e in executions.values()):  # fmt: skip
             return  # some could not be sent yet (the broker is away): the next round tries again
         back = sum(ExecState(e.state) is ExecState.ROLLED_BACK for e in executions.values())
         self._save(c, r)
