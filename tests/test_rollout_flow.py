@@ -138,7 +138,7 @@ def test_a_slow_release_commits_on_the_devices_but_the_latency_gate_rolls_the_ca
     tripped = [d for d in done["decisions"] if d["action"] == "rollback"]
     assert [d["gate"] for d in tripped] == ["latency_p95 <= 1.5x"], tripped
     figures = tripped[0]["figures"]
-    assert figures["p_value"] < 0.01 and figures["count"] >= 200
+    assert figures["p_value"] < 0.01 and figures["count"] >= 50, figures  # early: a quarter of the sample at least
     assert set(sent(home, "digits:1.3.0")) == wave(done, 1) == touched(done)
     events = ok_json("devices", "show", sorted(wave(done, 1))[0], "--home", home)["last_events"]
     assert any(e["type"] == "install_committed" and e["detail"]["release"] == "digits:1.3.0" for e in events), (

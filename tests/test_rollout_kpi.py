@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from agent.protocol import CONFIDENCE_BINS, LATENCY_EDGES_MS
-from fleet.rollout.kpi import DEFAULT_KPIS, KPI_METRICS, Kpi, Sample, evaluate, parse_kpi, value_of
+from fleet.rollout.kpi import DEFAULT_KPIS, KPI_METRICS, Kpi, Sample, early_alpha, evaluate, parse_kpi, value_of
 
 LATENCY = parse_kpi("latency_p95 <= 1.5x")
 ERRORS = parse_kpi("error_rate <= +0.02")
@@ -106,10 +106,10 @@ def test_a_significant_slowdown_within_the_limit_passes_and_a_large_one_on_few_r
 
 
 def test_too_few_inferences_is_pending_not_a_verdict() -> None:
-    few_slow = group(12, "up", devices=1, windows=3, n=50, median_ms=100.0)  # 150 inferences
+    few_slow = group(12, "up", devices=1, windows=1, n=45, median_ms=100.0)  # 45 inferences: under a quarter
     result = evaluate(LATENCY, few_slow, group(13, "up"), group(14, "ctl"))
-    assert (result.verdict, result.p_value, result.count) == ("pending", None, 150)
-    assert "150 of 200 inferences" in result.detail
+    assert (result.verdict, result.p_value, result.count) == ("pending", None, 45)
+    assert "45 of 200 inferences" in result.detail
     many_slow = group(15, "up", median_ms=100.0)
     small_references = evaluate(
         LATENCY, many_slow, group(16, "up", devices=1, windows=3, n=50), group(17, "ctl", devices=1, n=30)
@@ -305,3 +305,19 @@ def test_the_default_kpis_are_the_documented_limits() -> None:
 def test_evaluate_refuses_a_level_or_minimum_that_would_let_noise_decide(alpha: float, min_count: int) -> None:
     with pytest.raises(ValueError, match="must be"):
         evaluate(ERRORS, NOTHING, NOTHING, NOTHING, alpha=alpha, min_count=min_count)
+
+
+def test_a_gate_fails_early_on_part_of_its_sample_only_past_a_much_stricter_boundary_and_never_passes_early() -> None:
+    ten_times_slower = group(30, "up", devices=2, windows=3, n=25, median_ms=100.0)  # 150 of 200 inferences
+    result = evaluate(LATENCY, ten_times_slower, group(31, "up"), group(32, "ctl"))
+    assert result.verdict == "fail" and result.count == 150
+    assert "early: p <= 0.0036 on 75% of the sample" in result.detail, result.detail
+    as_fast = evaluate(LATENCY, group(33, "up", devices=2, windows=3, n=25), group(34, "up"), group(35, "ctl"))
+    assert (as_fast.verdict, as_fast.p_value) == ("pending", None), "a pass waits for the whole sample"
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(0.25, 1.638e-06), (0.5, 5.010e-04), (1.0, 0.01)])
+def test_the_early_boundary_is_o_brien_fleming_s(fraction: float, expected: float) -> None:
+    assert early_alpha(0.01, fraction) == pytest.approx(expected, rel=1e-3)
+    z = stats.norm.isf(early_alpha(0.01, fraction))
+    assert z * math.sqrt(fraction) == pytest.approx(stats.norm.isf(0.01))
