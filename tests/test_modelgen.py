@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from agent.runtime import InferenceFailed, Model, load_model
+from agent.telemetry import WindowAggregator
 from fleet.cli import main as fleet
-from fleet.examples.modelgen import VARIANTS, build_example, digits_split, feature_histogram
+from fleet.examples.modelgen import VARIANTS, build_example, confidence_bins, digits_split, feature_histogram
 
 FILES = ("float.onnx", "int8.onnx", "int8.tflite")
 ModelDir = Callable[[str], Path]
@@ -101,6 +102,40 @@ def test_drift_bins_cover_every_feature_and_reproduce_the_reference_counts(examp
         assert counts == feature_histogram(x_train[:, j], edges).tolist()
         assert sum(counts) == drift["reference_samples"] == len(x_train)
         assert counts[0] == counts[-1] == 0, "training data has no underflow and no NaN"
+
+
+def test_the_calibration_table_counts_each_files_held_out_rows_per_confidence_bin_as_the_agent_bins_them(
+    example_model: ModelDir, held_out
+) -> None:
+    """Per file: rows sum to the held-out size, correct <= rows, sum(correct) / sum(rows) is the card's accuracy, and
+    the rows per bin are the confidence histogram the agent's own telemetry makes of the same outputs; the broken
+    variant's files, which cannot run, have none."""
+    folder, (x, y) = example_model("good"), held_out
+    card = _card(folder)
+    for name in FILES:
+        table = card["calibration"][name]
+        rows, correct = table["rows"], table["correct"]
+        assert table["bins"] == len(rows) == len(correct) == 10
+        assert all(isinstance(v, int) for v in rows + correct)
+        assert sum(rows) == len(y)
+        assert all(0 <= c <= r for c, r in zip(correct, rows, strict=True))
+        assert sum(correct) / sum(rows) == pytest.approx(card["files"][name]["accuracy"], abs=5e-5)
+        with load_model(folder / name, threads=1) as model:
+            probs = model.predict(x)
+        agg = WindowAggregator("digits", "1.0.0", card["drift"]["edges"], 10)
+        agg.record(x, probs, 0.001)
+        assert agg.flush()["confidence"] == rows
+    assert card["calibration"]["int8.onnx"]["rows"][-1] > 0.8 * len(y), "a good model is mostly confident"
+    assert _card(example_model("broken"))["calibration"] == dict.fromkeys(FILES)
+
+
+def test_confidence_bins_match_the_agent_on_bin_edges_nan_and_negatives() -> None:
+    probs = np.zeros((7, 10), np.float32)
+    probs[:, 0] = [0.1, 0.3, 0.7, 0.9, 1.0, np.nan, -0.5]
+    probs[:, 1] = [0.05, 0.2, 0.1, 0.05, 0.0, 0.0, -1.0]  # the last row: argmax column 2, at 0
+    agg = WindowAggregator("m", "1", [[0.0, 1.0]] * 10, 10)
+    agg.record(np.zeros((7, 10), np.float32), probs, 0.001)
+    assert np.bincount(confidence_bins(probs), minlength=10).tolist() == agg.flush()["confidence"]
 
 
 def test_feature_histogram_counts_underflow_overflow_and_nan_apart() -> None:

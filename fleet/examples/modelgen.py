@@ -9,7 +9,8 @@ digits (nothing is downloaded), exports it three ways and writes a model card:
   MinMax-calibrated on the training rows).
 - ``int8.tflite``: the same network as int8 FULLY_CONNECTED layers and an int8 SOFTMAX
   (:mod:`fleet.examples.tflite_export`).
-- ``card.json``: schemas, per-file accuracy on held-out digits, the drift reference, a smoke test and provenance.
+- ``card.json``: schemas, per-file accuracy on held-out digits, the drift reference, the per-file confidence
+  calibration (:func:`calibration_table`), a smoke test and provenance.
 
 Contract of every file: input float32 ``[batch, 64]`` = the 8x8 pixels / 16 (so 0..1), output float32
 ``[batch, 10]`` softmax probabilities. The card is deterministic for a given variant, seed and library versions.
@@ -37,6 +38,7 @@ import numpy as np
 from agent import __version__
 from agent.files import write_atomic
 from agent.logs import event
+from agent.protocol import CONFIDENCE_BINS
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,7 @@ def build_example(
         },
         "files": {name: _file_entry(out_dir / name, measured[name]["accuracy"]) for name in FILES},
         "drift": _drift_reference(x_train),
+        "calibration": {name: measured[name]["calibration"] for name in FILES},
         "smoke_test": {
             "inputs": x_test[smoke_idx].tolist(),
             "labels": y_test[smoke_idx].tolist(),
@@ -383,12 +386,47 @@ def _evaluate(path: Path, x: np.ndarray, y: np.ndarray, smoke_idx: np.ndarray) -
             probabilities = model.predict(x)
     except (InferenceFailed, RuntimeNotInstalled) as exc:
         event(log, "example_model_not_measured", file=path.name, reason=str(exc))
-        return {"accuracy": None, "smoke": None}
+        return {"accuracy": None, "smoke": None, "calibration": None}
     predicted = probabilities.argmax(axis=1)
     smoke = probabilities[smoke_idx]
     return {
         "accuracy": round(float((predicted == y).mean()), 4),
+        "calibration": calibration_table(probabilities, y),
         "smoke": {"probabilities": np.round(smoke, 4).tolist(), "predicted": smoke.argmax(axis=1).tolist()},
+    }
+
+
+def confidence_bins(probabilities: np.ndarray) -> np.ndarray:
+    """Each row's top-1 confidence bin, exactly as the agent's telemetry bins it
+    (``agent.telemetry.WindowAggregator._absorb_outputs``, which has no public function to reuse): the float32
+    probability of the argmax class times ``CONFIDENCE_BINS``, NaN and negatives to bin 0, capped at the last bin,
+    truncated. Replicated here, in float32 like the agent, so that a row on a bin edge lands in the same bin on the
+    device and in the card; ``tests/test_modelgen.py`` checks the two agree."""
+    probs = np.asarray(probabilities, dtype=np.float32)
+    predicted = probs.argmax(axis=1)
+    scaled = probs[np.arange(len(probs)), predicted] * CONFIDENCE_BINS
+    scaled[~(scaled >= 0)] = 0
+    np.minimum(scaled, CONFIDENCE_BINS - 1, out=scaled)
+    return scaled.astype(np.intp)
+
+
+def calibration_table(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Per top-1 confidence bin (:func:`confidence_bins`), how many held-out rows fall in it and how many of those
+    the file predicts correctly: ``{"bins": CONFIDENCE_BINS, "rows": [...], "correct": [...]}``, integers only.
+
+    This is what the fleet calibrates a label-free accuracy estimate on (:mod:`fleet.drift.accuracy`): a device's
+    window holds the same confidence histogram, so rows x bin accuracy estimates its accuracy. It is a top-level
+    card section keyed by file, beside ``files`` rather than inside ``drift``: ``drift`` describes the *inputs*
+    (training rows, the same for every file), while this describes each *file's outputs* on held-out rows, and
+    quantization moves confidences (the int8 files' tables differ from the float one's). A file that cannot run has
+    ``null``. ``sum(correct) / sum(rows)`` is the file's ``accuracy`` in ``files`` (before its rounding)."""
+    probs = np.asarray(probabilities, dtype=np.float32)
+    bins = confidence_bins(probs)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    return {
+        "bins": CONFIDENCE_BINS,
+        "rows": np.bincount(bins, minlength=CONFIDENCE_BINS).tolist(),
+        "correct": np.bincount(bins, weights=correct, minlength=CONFIDENCE_BINS).astype(np.int64).tolist(),
     }
 
 
