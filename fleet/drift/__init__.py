@@ -1,0 +1,1 @@
+"""Drift detection from the histograms devices send: the pure statistics are in :mod:`fleet.drift.stats`."""
