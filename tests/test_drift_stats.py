@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
+from fleet.drift import stats as drift_stats
 from fleet.drift.stats import (
     MIN_EFFECT_JS,
     Ddm,
@@ -329,3 +330,19 @@ def test_feature_shifts_give_an_unseen_value_the_g_test_p_value_and_an_empty_fea
     assert shifts[1].p_value < 1e-8
     assert shifts[1].direction == pytest.approx(shift_direction([0, 240, 2], [0, 10, 0]))
     assert shifts[2] == FeatureShift(feature=2, p_value=1.0, effect=0.0, psi=0.0, direction=0.0, observed=0)
+
+
+def test_two_sample_shifts_on_matrices_agree_with_the_one_row_functions() -> None:
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 40, size=(6, 9))
+    b = rng.integers(0, 40, size=(6, 9))
+    a[2, 4] = b[2, 4] = 0  # a column empty on both sides adds no degree of freedom
+    b[5] = 0  # an empty side: nothing to compare
+    shifts = drift_stats.two_sample_shifts(a, b)
+    for j in range(5):
+        *_, p = drift_stats.g_test_two_sample(a[j].tolist(), b[j].tolist())
+        assert shifts[j].p_value == pytest.approx(p, rel=1e-9, abs=1e-300)
+        assert shifts[j].effect == pytest.approx(drift_stats.jensen_shannon(a[j], b[j]), abs=1e-12)
+        assert shifts[j].psi == pytest.approx(drift_stats.psi(a[j], b[j]), rel=1e-9)
+        assert shifts[j].direction == pytest.approx(drift_stats.shift_direction(a[j][:-1], b[j][:-1]), abs=1e-12)
+    assert (shifts[5].p_value, shifts[5].effect) == (1.0, 0.0)
