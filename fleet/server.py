@@ -35,6 +35,7 @@ from agent import protocol
 from agent.broker_address import BrokerAddress, TlsFiles
 from agent.logs import event
 from fleet.broker import AmqttBroker, Broker, embedded_broker, port_free
+from fleet.drift.detector import DriftDetector, DriftHooks
 from fleet.errors import FleetError
 from fleet.home import Home, addresses_file, init_home, remember_ports, remembered_ports, running_serve, serve_record
 from fleet.ingest.mqtt import Ingest
@@ -96,6 +97,9 @@ class ServerSettings:
     ready_timeout: float = 10.0
     probe_timeout: float = PROBE_TIMEOUT_S
     rollout_tick_s: float = 1.0
+    drift_round_s: float = 60.0
+    on_drift: str | None = None
+    on_drift_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.port is not None and self.broker_url is not None:
@@ -120,7 +124,8 @@ class ServerSettings:
                 f"({self.client_id!r})",
                 "choose a client id of letters, digits, '-' and '_'",
             )
-        if self.ingest_workers < 0 or self.stats_interval <= 0 or self.ready_timeout < 0 or self.probe_timeout <= 0:
+        if (self.ingest_workers < 0 or self.stats_interval <= 0 or self.ready_timeout < 0 or self.probe_timeout <= 0
+                or self.rollout_tick_s <= 0 or self.drift_round_s <= 0):  # fmt: skip
             raise SettingsError(
                 "bad_settings",
                 f"ingest_workers {self.ingest_workers}, stats_interval {self.stats_interval}, "
@@ -150,6 +155,8 @@ class FleetServer:
         self.workers: TelemetryWorkers | None = None
         #: The campaign controller (:mod:`fleet.rollout.controller`), running once started.
         self.controller: CampaignController | None = None
+        #: The drift detector (:mod:`fleet.drift.detector`), running once started.
+        self.drift: DriftDetector | None = None
         #: Telemetry workers actually running: the settings' number, or 0 with the amqtt fallback broker.
         self.ingest_workers = settings.ingest_workers
         self._parts = contextlib.ExitStack()
@@ -218,6 +225,9 @@ class FleetServer:
             tick_s=settings.rollout_tick_s,
         ).start()  # fmt: skip
         self._parts.callback(self.controller.stop)  # before the ingest: its last round may still read events
+        hooks = DriftHooks(settings.on_drift, settings.on_drift_url)
+        self.drift = DriftDetector(store, repo, round_s=settings.drift_round_s, hooks=hooks).start()
+        self._parts.callback(self.drift.stop)
         files = (("ca", settings.tls.ca), ("cert", settings.tls.cert), ("key", settings.tls.key))
         tls = {name: str(path.resolve()) for name, path in files if path}
         info = {"pid": os.getpid(), "broker": broker_url, "repo": self.repo_url, "prefix": settings.prefix, "tls": tls}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from agent import __version__, logs
-from fleet.cli import assign, audit, devices, enroll, init, model, release, rollout, serve
+from fleet.cli import assign, audit, devices, drift, enroll, init, model, release, rollout, serve
 from fleet.cli.common import FleetGroup
 
 
@@ -31,6 +31,7 @@ def _attach() -> None:
     main.add_command(enroll.enroll)
     main.add_command(audit.audit)
     main.add_command(rollout.rollout)
+    main.add_command(drift.drift)
 
 
 _attach()

@@ -79,6 +79,20 @@ _USAGE = {
     help="Seconds between ingest stats log lines.",
 )
 @click.option(
+    "--drift-round",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between rounds of the drift detector (each judges the windows stored since the last).",
+)
+@click.option(
+    "--on-drift",
+    metavar="CMD",
+    help="Run CMD with each drift alarm as JSON on its standard input: the "
+    "retrain trigger (at most once an hour per device or group, model and kind).",
+)
+@click.option("--on-drift-url", metavar="URL", help="POST each drift alarm as JSON to URL (same back-off).")
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -97,6 +111,9 @@ def serve(
     key: Path | None,
     ingest_workers: int,
     stats_interval: float,
+    drift_round: float,
+    on_drift: str | None,
+    on_drift_url: str | None,
     log_level: str,
 ) -> None:
     """Run the fleet manager until SIGTERM or SIGINT.
@@ -122,6 +139,9 @@ def serve(
             ingest_workers=ingest_workers,
             stats_interval=stats_interval,
             log_level=log_level,
+            drift_round_s=drift_round,
+            on_drift=on_drift,
+            on_drift_url=on_drift_url,
         )
     except SettingsError as exc:
         raise click.UsageError(_USAGE.get(exc.reason, exc.message())) from None

@@ -109,6 +109,20 @@ def _two_sample(observed: Sequence[np.ndarray], rest: Sequence[np.ndarray]) -> l
     return stats.two_sample_shifts(np.stack(pad), np.stack(pad_rest))
 
 
+def _vs_reference(observed: np.ndarray, reference: Reference) -> list[stats.FeatureShift]:
+    """Per feature, the observed rows against the card's reference counts as what they are: a sample (1,347 training
+    rows for the digits), by the two-sample test. Taking them as exact probabilities (the one-sample G-test) gave
+    p-values too small for data that only differs from the training rows by sampling: 4 of 11 clean devices were
+    flagged in a round where one occluded device relaxed Benjamini-Hochberg's threshold (p down to 2e-6, JS 0.009)."""
+    width = observed.shape[1]
+    padded = []
+    for row in reference.rows:
+        if len(row) > width:
+            raise ValueError(f"a reference row of {len(row)} columns does not fit windows of {width}")
+        padded.append([*row[:-2], *([0] * (width - len(row))), *row[-2:]])
+    return stats.two_sample_shifts(observed, np.asarray(padded, dtype=np.int64))
+
+
 def _decide_many(families: Mapping[str, list[stats.FeatureShift]]) -> dict[str, list[stats.FeatureShift]]:
     """:func:`stats.decide` over every key's shifts together (one BH family), split back by key."""
     flat = [(key, s) for key, shifts in families.items() for s in shifts]
@@ -118,6 +132,11 @@ def _decide_many(families: Mapping[str, list[stats.FeatureShift]]) -> dict[str, 
 
 def _ranked(shifts: Sequence[stats.FeatureShift]) -> tuple[stats.FeatureShift, ...]:
     return tuple(sorted(shifts, key=lambda s: -s.effect)[:TOP])
+
+
+def _signed(shifts: Sequence[stats.FeatureShift]) -> list[float]:
+    """Every feature's effect, signed by its direction: what `fleet drift show` draws as a heat map."""
+    return [round(s.effect if s.direction >= 0 else -s.effect, 6) for s in shifts]
 
 
 def _explain(shifts: Sequence[stats.FeatureShift]) -> str:
@@ -130,7 +149,7 @@ def assess_data(batches: Sequence[DeviceBatch], reference: Reference, group_tag:
         return []
     rows = {b.device_id: _rows(b.window) for b in batches}
     total = _sum(list(rows.values()))
-    own_shifts = {d: stats.feature_shifts(r, reference.rows) for d, r in rows.items()}
+    own_shifts = {d: _vs_reference(r, reference) for d, r in rows.items()}
     on_own = _decide_many(own_shifts)
     # Whether a shift is shared is counted on each device judged alone (BH over its own features): in the pooled
     # family a site's many true rejections relax the threshold for every other device, whose marginal features
@@ -143,10 +162,12 @@ def assess_data(batches: Sequence[DeviceBatch], reference: Reference, group_tag:
         one member's (a single occluded device moves its site's merged rows too)."""
         return [s for s in shifts if sum(s.feature in drifted[d] for d in members) > SHARE * len(members)]
 
-    fleet_vs_ref = shared(stats.decide(stats.feature_shifts(total, reference.rows)), list(rows))
+    fleet_shifts = _vs_reference(total, reference)
+    fleet_vs_ref = shared(stats.decide(fleet_shifts), list(rows))
     fleet_hit = bool(fleet_vs_ref)
     findings.append(Finding("fleet", "fleet", "data", fleet_hit, _ranked(fleet_vs_ref),
-                            figures={"devices": len(batches), "drifting": sum(bool(f) for f in drifted.values())},
+                            figures={"devices": len(batches), "drifting": sum(bool(f) for f in drifted.values()),
+                                     "shift": _signed(fleet_shifts)},
                             detail=_explain(_ranked(fleet_vs_ref))))  # fmt: skip
 
     groups: dict[str, list[str]] = {}
@@ -156,7 +177,8 @@ def assess_data(batches: Sequence[DeviceBatch], reference: Reference, group_tag:
                 groups.setdefault(f"{group_tag}={b.tags[group_tag]}", []).append(b.device_id)
     judged = {g: ids for g, ids in groups.items() if len(ids) >= MIN_GROUP_DEVICES and len(ids) < len(batches)}
     group_rows = {g: _sum([rows[d] for d in ids]) for g, ids in judged.items()}
-    vs_ref = _decide_many({g: stats.feature_shifts(r, reference.rows) for g, r in group_rows.items()})
+    group_shifts = {g: _vs_reference(r, reference) for g, r in group_rows.items()}
+    vs_ref = _decide_many(group_shifts)
     vs_rest = _decide_many({g: _two_sample(list(r), list(total - r)) for g, r in group_rows.items()})
     hit_groups: dict[str, list[str]] = {}
     for g, ids in judged.items():
@@ -165,17 +187,25 @@ def assess_data(batches: Sequence[DeviceBatch], reference: Reference, group_tag:
         if common:
             hit_groups[g] = ids
         findings.append(Finding("group", g, "data", bool(common), _ranked(common),
-                                figures={"devices": len(ids), "drifting": sum(bool(drifted[d]) for d in ids)},
+                                figures={"devices": len(ids), "drifting": sum(bool(drifted[d]) for d in ids),
+                                         "shift": _signed(group_shifts[g])},
                                 detail=_explain(_ranked(common))))  # fmt: skip
 
-    # A device is compared with its peers: its own site when the site drifted, else the devices of no drifted site.
+    # A device is compared with its peers: the rest of its site when the site drifted, else the devices that look
+    # like the reference on their own (a drifted device among the peers would make every other device look moved
+    # where it moved: 1 occluded device of 12 did). When too few do (the fleet moved), all the others.
     group_of = {d: g for g, ids in hit_groups.items() for d in ids}
-    unexplained = [d for d in rows if d not in group_of]
-    others = _sum([rows[d] for d in unexplained]) if unexplained else total
+    normal = [d for d in rows if d not in group_of and not drifted[d]]
     comparisons = {}
     for d, r in rows.items():
         peers = hit_groups.get(group_of.get(d, ""))
-        pool = _sum([rows[p] for p in peers]) if peers else others
+        if peers is None:
+            peers = [p for p in normal if p != d]
+            if len(peers) < 2:
+                peers = [p for p in rows if p != d]
+            pool = _sum([rows[p] for p in peers]) + r
+        else:
+            pool = _sum([rows[p] for p in peers])
         rest = pool - r
         comparisons[d] = _two_sample(list(r), list(rest)) if rest.sum() > 0 else []
     vs_peers = _decide_many(comparisons)
@@ -183,7 +213,8 @@ def assess_data(batches: Sequence[DeviceBatch], reference: Reference, group_tag:
         moved = {s.feature for s in vs_peers[d]}
         own = [s for s in on_own[d] if s.feature in moved]
         findings.append(Finding("device", d, "data", bool(own), _ranked(own),
-                                figures={"rows": int(rows[d][0].sum()) if len(rows[d]) else 0},
+                                figures={"rows": int(rows[d][0].sum()) if len(rows[d]) else 0,
+                                         "shift": _signed(own_shifts[d])},
                                 detail=_explain(_ranked(own))))  # fmt: skip
     return findings
 

@@ -18,6 +18,7 @@ from fleet.store.rows import (
     DesiredRecord,
     Device,
     DeviceDetail,
+    DriftTrack,
     Execution,
     Gap,
     InstallOutcome,
@@ -167,7 +168,24 @@ class Campaigns(Protocol):
     def first_window_rowid_since(self, since: float) -> int: ...
 
 
-class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, RepoCommits, Campaigns, Protocol):
+class Drift(Protocol):
+    """The drift detector's tracks and state (see :mod:`fleet.store.sqlite_drift`)."""
+
+    def drift_tracks(self, states: Sequence[str] | None = None) -> list[DriftTrack]: ...
+
+    def drift_state(self) -> dict[str, Any]: ...
+
+    def save_drift(
+        self,
+        tracks: Sequence[DriftTrack],
+        state: Mapping[str, Any],
+        audit: Sequence[tuple[str, str, str, Mapping[str, Any]]] = (),
+    ) -> None: ...
+
+    def windows_since(self, rowid: int, limit: int = 5000) -> tuple[list[StoredWindow], int]: ...
+
+
+class Store(IngestWrites, Devices, TelemetryReads, DesiredStates, AuditLog, RepoCommits, Campaigns, Drift, Protocol):
     """Everything the fleet keeps, behind one handle; ``close()`` when done."""
 
     def close(self) -> None: ...

@@ -259,6 +259,28 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class DriftTrack:
+    """A scope's drift of one kind on one model, as the detector last judged it: ``state`` ok, warning or drift,
+    ``since`` the round it first hit (fleet clock), ``features`` the moved features ranked by effect (each a dict:
+    feature, effect, psi, direction, p_value, observed), ``classes`` the predicted shares that moved most
+    (class, share, rest's share), ``history`` the last rounds' hits."""
+
+    model: str
+    scope: str
+    key: str
+    kind: str
+    release: str
+    state: str
+    history: list[bool]
+    since: float | None
+    features: list[dict[str, Any]]
+    classes: list[list[float]]
+    figures: dict[str, Any]
+    detail: str
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event with its place in the store (``rowid`` grows with every event stored): what the campaign controller
     reads, from where it stopped."""

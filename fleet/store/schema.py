@@ -253,6 +253,18 @@ def _schema_v6(db: sqlite_utils.Database) -> None:
     db["rollout_cursor"].create({"name": str, "rowid": int}, pk="name", not_null=["rowid"])
 
 
+def _schema_v7(db: sqlite_utils.Database) -> None:
+    """Drift: each (scope, key, kind, model)'s track as the detector last left it (state, since, what moved), and the
+    detector's own state (its reading place, each device's DDM) by name."""
+    db["drift_tracks"].create(
+        {"model": str, "scope": str, "key": str, "kind": str, "release": str, "state": str, "history": str,
+         "since": float, "features": str, "classes": str, "figures": str, "detail": str, "updated_at": float},
+        pk=("model", "scope", "key", "kind"),
+        not_null=["release", "state", "history", "features", "classes", "figures", "detail", "updated_at"],
+    )  # fmt: skip
+    db["drift_state"].create({"name": str, "value": str}, pk="name", not_null=["value"])
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _schema_v1,
     _schema_v2,
@@ -260,6 +272,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _schema_v4,
     _schema_v5,
     _schema_v6,
+    _schema_v7,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -60,6 +60,7 @@ from fleet.store.schema import (
     window_row,
 )
 from fleet.store.sqlite_campaigns import SqliteCampaigns
+from fleet.store.sqlite_drift import SqliteDrift
 from fleet.store.sqlite_reads import SqliteReads, loads, store_error
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _conflict_reject(kind: str, device_id: str, boot_id: str, seq: int, size: in
     return Reject("conflict", f"{device_id}/{kind}", detail, size)
 
 
-class SqliteStore(SqliteCampaigns, SqliteReads):
+class SqliteStore(SqliteCampaigns, SqliteDrift, SqliteReads):
     """One SQLite database. Safe to share between threads: one connection, serialized by a lock.
 
     ``read_only`` opens the file without writing anything, not even the writers' lock file or the WAL switch, so
