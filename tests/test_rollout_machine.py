@@ -26,7 +26,7 @@ from fleet.rollout.states import (
     next_campaign,
     next_exec,
 )
-from fleet.store.rows import Event, Execution
+from fleet.store.rows import DriftTrack, Event, Execution
 
 OLD, NEW = "digits:1.0.0", "digits:1.1.0"
 NOTIFIED_AT = 1000.0
@@ -434,3 +434,25 @@ def test_a_spec_comes_back_whole_from_its_stored_form() -> None:
     assert again == spec
     assert again.to_dict() == spec.to_dict()
     assert isinstance(spec.to_dict()["kpis"], list)
+
+
+def test_the_drift_gate_fails_on_a_persisted_drift_of_the_release_and_waits_until_the_detector_judged_it() -> None:
+    def track(scope: str, key: str, state: str) -> DriftTrack:
+        moved = "feature 3 down"
+        return DriftTrack("digits", scope, key, "data", NEW, state, [True, True], 1.0, [], [], {}, moved, 2.0)
+
+    spec = parse_spec(kpis=["drift"], seed=1)
+    assert spec.drift_gate and spec.kpi_gates == ()
+    rows = [execution(ExecState.SUCCEEDED, device_id="a"), execution(ExecState.SUCCEEDED, device_id="b")]
+    groups = Evidence(NEW, STARTED_AT).groups(rows)
+
+    def verdict(drift: list[DriftTrack] | None) -> gates.GateResult:
+        return next(g for g in gates.evaluate(spec, rows, 0, groups, wave_complete=True, drift=drift)
+                    if g.gate == "drift")  # fmt: skip
+
+    assert verdict(None).verdict == "pending"
+    assert verdict([track("device", "a", "warning")]).verdict == "pass", "a one-round warning is not a drift"
+    assert verdict([track("device", "elsewhere", "drift")]).verdict == "pass", "not one of the campaign's devices"
+    failed = verdict([track("device", "b", "drift")])
+    assert failed.verdict == "fail" and failed.detail == "data drift on device b: feature 3 down"
+    assert verdict([track("group", "site=north", "drift")]).verdict == "fail"

@@ -59,7 +59,8 @@ def rollout() -> None:
     multiple=True,
     metavar="EXPR",
     help="A KPI gate, e.g. 'latency_p95 <= 1.5x', "
-    "'error_rate <= +0.02', 'confidence >= -0.1', 'accuracy >= -0.05'; repeat for more; 'none' for no "
+    "'error_rate <= +0.02', 'confidence >= -0.1', 'accuracy >= -0.05', 'drift' (the drift detector's verdict on "
+    "the release); repeat for more; 'none' for no "
     "KPI gate. [default: those four]",
 )
 @click.option(

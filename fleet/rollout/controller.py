@@ -250,9 +250,10 @@ class CampaignController:
         wave = max(c.wave, 0)
         sent = [e for e in executions.values() if e.wave <= wave]
         complete = all(ExecState(e.state) in FINISHED for e in sent)
+        drift = [t for t in self._store.drift_tracks() if t.release == c.release] if spec.drift_gate else None
         results = gates.evaluate(
             spec, list(executions.values()), wave, self._evidence[c.id].groups(executions.values()),
-            wave_complete=complete, kpis_ready=caught_up,
+            wave_complete=complete, kpis_ready=caught_up, drift=drift,
         )  # fmt: skip
         self._record_gates(c, results, r, now)
         if failed := gates.tripped(results):

@@ -19,7 +19,7 @@ from fleet.rollout.evidence import Groups
 from fleet.rollout.kpi import evaluate as evaluate_kpi
 from fleet.rollout.spec import CampaignSpec
 from fleet.rollout.states import FINISHED, ExecState
-from fleet.store.rows import Execution
+from fleet.store.rows import DriftTrack, Execution
 
 PASS, FAIL, PENDING, NOT_APPLICABLE = "pass", "fail", "pending", "n/a"
 
@@ -60,10 +60,12 @@ def evaluate(
     *,
     wave_complete: bool,
     kpis_ready: bool = True,
+    drift: Sequence[DriftTrack] | None = None,
 ) -> list[GateResult]:
     """Every gate of the campaign now. ``wave`` is the wave under way; ``wave_complete`` lowers the shares' minimum
     to the devices sent the release when the wave is done and fewer than ``min_devices`` were; without
-    ``kpis_ready`` (the controller is still reading the campaign's telemetry) the KPI gates are pending."""
+    ``kpis_ready`` (the controller is still reading the campaign's telemetry) the KPI gates are pending. ``drift``
+    is what the drift detector says of the campaign's release (its tracks), for the ``drift`` gate."""
     states = [ExecState(e.state) for e in executions]
     finished = sum(s in FINISHED for s in states)
     sent = sum(e.wave <= wave and e.attempts > 0 for e in executions)
@@ -75,6 +77,8 @@ def evaluate(
         share_gate("failed", "failed", failed, finished, spec.max_failed, min_count),
         share_gate("timed_out", "timed out", timed_out, finished, spec.max_timed_out, min_count),
     ]
+    if spec.drift_gate:
+        results.append(drift_gate(drift, {e.device_id for e in executions}))
     for kpi in spec.kpi_gates:
         if not kpis_ready:
             read = groups.upgraded.windows + groups.baseline.windows + groups.control.windows
@@ -86,6 +90,22 @@ def evaluate(
                    "devices": r.devices}  # fmt: skip
         results.append(GateResult(kpi.text, r.verdict, r.value, kpi.text, r.detail, figures))
     return results
+
+
+def drift_gate(tracks: Sequence[DriftTrack] | None, devices: set[str]) -> GateResult:
+    """The ``drift`` gate: it fails when the drift detector holds a drift (persisted, not a one-round warning) on the
+    campaign's release for one of its devices, or for a site or the fleet; it is pending until the detector has
+    judged the release at all (``tracks`` None or empty)."""
+    if not tracks:
+        return GateResult("drift", PENDING, None, "no drift", "the drift detector has not judged the release yet")
+    found = [t for t in tracks if t.state == "drift" and (t.scope != "device" or t.key in devices)]
+    if not found:
+        return GateResult("drift", PASS, 0.0, "no drift", f"no drift on the release ({len(tracks)} scopes judged)")
+    first = found[0]
+    where = first.key if first.scope != "device" else f"device {first.key}"
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    detail = f"{first.kind} drift on {where}: {first.detail}{more}"
+    return GateResult("drift", FAIL, float(len(found)), "no drift", detail, {"alarms": len(found)})
 
 
 def tripped(results: Sequence[GateResult]) -> list[GateResult]:

@@ -19,6 +19,8 @@ from fleet.rollout.plan import Selector, WaveSize, parse_duration, parse_selecto
 from fleet.rollout.window import MaintenanceWindow, parse_window
 
 ON_FAILURE = ("rollback", "pause")
+#: The KPI gate that asks the drift detector (:mod:`fleet.drift`) instead of comparing a figure.
+DRIFT_GATE = "drift"
 #: Inferences (labelled rows, for accuracy) a KPI gate needs on each side before it decides.
 DEFAULT_KPI_MIN_COUNT = 200
 
@@ -71,7 +73,12 @@ class CampaignSpec:
 
     @property
     def kpi_gates(self) -> tuple[Kpi, ...]:
-        return tuple(parse_kpi(text) for text in self.kpis)
+        return tuple(parse_kpi(text) for text in self.kpis if text != DRIFT_GATE)
+
+    @property
+    def drift_gate(self) -> bool:
+        """Whether the campaign stops when the drift detector finds drift on its release (``--kpi drift``)."""
+        return DRIFT_GATE in self.kpis
 
     @property
     def maintenance(self) -> MaintenanceWindow | None:
@@ -128,7 +135,9 @@ def parse_spec(
     if "none" in kpis and len(kpis) > 1:
         raise ValueError("--kpi none turns every KPI gate off: give it alone, or only the gates you want")
     if kpis:
-        given["kpis"] = () if list(kpis) == ["none"] else tuple(parse_kpi(k).text for k in kpis)
+        given["kpis"] = () if list(kpis) == ["none"] else tuple(
+            DRIFT_GATE if k.strip() == DRIFT_GATE else parse_kpi(k).text for k in kpis
+        )
     return CampaignSpec(**{k: v for k, v in given.items() if v is not None})
 
 
