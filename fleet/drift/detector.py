@@ -8,7 +8,8 @@ turns them into tracks; each change of state is an audit entry (``drift_alarm``,
 ``drift``, a call of the retrain hook (:class:`DriftHooks`). Tracks, each device's DDM and the reading place are
 written in one transaction per round, so a restart continues where the last round ended.
 
-Times are the fleet's (``received_at``): a device's clock may be wrong.
+Times are the fleet's (``received_at``): a device's clock may be wrong. A device's pile that has not reached the
+minimum sample when `fleet serve` stops is not kept: after a restart it starts again from the windows that follow.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class DriftHooks:
     url: str | None = None
     backoff_s: float = 3600.0
     clock: Callable[[], float] = time.time
-    _last: dict[tuple[str, ...], float] = field(default_factory=dict)
+    _last: dict[tuple[str, ...], float] = field(default_factory=dict, init=False, repr=False)
 
     def fire(self, alarm: Mapping[str, Any]) -> bool:
         """Hand ``alarm`` to the hooks unless its key fired within the back-off; whether it was handed over."""
@@ -130,7 +131,6 @@ class DriftDetector:
         self._store, self._repo = store, repo
         self.round_s, self._group_tag, self._hooks, self._clock = round_s, group_tag, hooks or DriftHooks(), clock
         self._piles: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-        self._since: dict[tuple[str, str, str], float] = {}
         self._tracks: dict[str, dict[tuple[str, str, str], engine.Track]] | None = None
         self._state: dict[str, Any] = {}
         self._references: dict[str, engine.Reference | None] = {}
