@@ -172,3 +172,19 @@ def test_concept_drift_is_seen_in_the_feedback_error_rate() -> None:
         state, verdict = engine.concept(state, {"feedback": matrix})
         verdicts.append(verdict)
     assert verdicts[:5] == ["ok"] * 5 and "drift" in verdicts[5:]
+
+
+def test_a_site_far_less_accurate_than_the_rest_by_its_feedback_is_reported_as_a_segment(
+    card: dict[str, Any], reference: Reference, held_out: np.ndarray
+) -> None:
+    batches = []
+    for b in fleet_round(card, held_out, 9, clean):
+        site1 = b.tags["site"] == "site-1"
+        correct = 60 if site1 else 97  # of 100 labelled predictions
+        feedback = [[0] * 10 for _ in range(10)]
+        feedback[0][0], feedback[0][1] = correct, 100 - correct
+        batches.append(DeviceBatch(b.device_id, {**b.window, "feedback": feedback}, b.tags))
+    findings = {(f.scope, f.key): f for f in engine.assess_accuracy(batches, reference, "site") if f.hit}
+    segment = findings[("group", "site=site-1")]
+    assert segment.figures["segment"] and "segment: measured accuracy 60.0% vs 97.0% on the rest" in segment.detail
+    assert ("group", "site=site-0") not in findings and ("group", "site=site-2") not in findings

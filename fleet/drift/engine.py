@@ -244,11 +244,58 @@ def assess_predictions(batches: Sequence[DeviceBatch]) -> list[Finding]:
     return findings
 
 
+def _accuracies(members: Sequence[DeviceBatch], reference: Reference) -> dict[str, tuple[float, float]]:
+    """The members' accuracy, ``(value, standard error)``: ``estimated`` from their confidence histograms (with the
+    card's calibration) and ``measured`` from their feedback, each when it has its minimum sample."""
+    found: dict[str, tuple[float, float]] = {}
+    confidence = _sum([np.asarray(b.window["confidence"], dtype=np.int64) for b in members]).tolist()
+    if reference.calibration is not None and sum(confidence) >= stats.MIN_SAMPLES:
+        estimate = estimated_accuracy(confidence, reference.calibration)
+        if estimate is not None:
+            found["estimated"] = estimate
+    labelled = [b.window["feedback"] for b in members if b.window.get("feedback")]
+    if labelled:
+        measured = measured_accuracy(_sum([np.asarray(f, dtype=np.int64) for f in labelled]).tolist())
+        if measured is not None and measured[1] >= stats.MIN_SAMPLES:
+            found["measured"] = (measured[0], max((measured[0] * (1 - measured[0]) / measured[1]) ** 0.5, 1e-9))
+    return found
+
+
+def assess_segments(batches: Sequence[DeviceBatch], reference: Reference, group_tag: str | None) -> list[Finding]:
+    """Each group's (segment's) accuracy, measured and estimated, against the rest of the fleet's: a segment far
+    below the rest is reported (``accuracy`` of scope ``group``, ``figures["segment"]``), the seed of bias
+    monitoring. Significantly (one-sided z on the difference, both sides' errors) and materially (3 points)."""
+    if not group_tag:
+        return []
+    groups: dict[str, list[DeviceBatch]] = {}
+    for b in batches:
+        if group_tag in b.tags:
+            groups.setdefault(f"{group_tag}={b.tags[group_tag]}", []).append(b)
+    findings = []
+    for key, members in groups.items():
+        rest = [b for b in batches if b not in members]
+        if not rest:
+            continue
+        mine, theirs = _accuracies(members, reference), _accuracies(rest, reference)
+        below = []
+        for name in ("measured", "estimated"):
+            if name in mine and name in theirs:
+                (value, se), (other, other_se) = mine[name], theirs[name]
+                if accuracy_drop((value, (se**2 + other_se**2) ** 0.5), other):
+                    below.append(f"{name} accuracy {value:.1%} vs {other:.1%} on the rest of the fleet")
+        figures = {"segment": True, **{f"{k}": v[0] for k, v in mine.items()},
+                   **{f"rest_{k}": v[0] for k, v in theirs.items()}}  # fmt: skip
+        findings.append(Finding("group", key, "accuracy", bool(below), figures=figures, detail="; ".join(below)))
+    return findings
+
+
 def assess_accuracy(batches: Sequence[DeviceBatch], reference: Reference, group_tag: str | None) -> list[Finding]:
     """``accuracy`` findings per scope: the label-free estimate (and the measured accuracy where feedback gives
-    enough labelled rows) significantly and materially below the card's held-out accuracy."""
+    enough labelled rows) significantly and materially below the card's held-out accuracy; for a group, also below
+    the rest of the fleet (:func:`assess_segments`)."""
     if reference.accuracy is None or not batches:
         return []
+    segments = {f.key: f for f in assess_segments(batches, reference, group_tag)}
     scopes: dict[tuple[str, str], list[DeviceBatch]] = {("fleet", "fleet"): list(batches)}
     for b in batches:
         scopes[("device", b.device_id)] = [b]
@@ -256,26 +303,17 @@ def assess_accuracy(batches: Sequence[DeviceBatch], reference: Reference, group_
             scopes.setdefault(("group", f"{group_tag}={b.tags[group_tag]}"), []).append(b)
     findings = []
     for (scope, key), members in scopes.items():
-        confidence = _sum([np.asarray(b.window["confidence"], dtype=np.int64) for b in members]).tolist()
-        figures: dict[str, Any] = {"reference": reference.accuracy}
-        hit = False
-        if reference.calibration is not None and sum(confidence) >= stats.MIN_SAMPLES:
-            estimate = estimated_accuracy(confidence, reference.calibration)
-            if estimate is not None:
-                figures["estimated"], figures["estimated_se"] = estimate
-                hit = accuracy_drop(estimate, reference.accuracy)
-        labelled = [b.window["feedback"] for b in members if b.window.get("feedback")]
-        if labelled:
-            measured = measured_accuracy(_sum([np.asarray(f, dtype=np.int64) for f in labelled]).tolist())
-            if measured is not None and measured[1] >= stats.MIN_SAMPLES:
-                figures["measured"], figures["labelled"] = measured
-                se = max((measured[0] * (1 - measured[0]) / measured[1]) ** 0.5, 1e-9)
-                hit = hit or accuracy_drop((measured[0], se), reference.accuracy)
-        detail = ""
-        if hit:
-            shown = [f"{name} {figures[name]:.1%}" for name in ("estimated", "measured") if name in figures]
-            detail = f"accuracy {' and '.join(shown)} vs {reference.accuracy:.1%} on the release's held-out data"
-        findings.append(Finding(scope, key, "accuracy", hit, figures=figures, detail=detail))
+        found = _accuracies(members, reference)
+        figures: dict[str, Any] = {"reference": reference.accuracy, **{k: v[0] for k, v in found.items()}}
+        low = [name for name, value in found.items() if accuracy_drop(value, reference.accuracy)]
+        details = [f"{name} accuracy {found[name][0]:.1%} vs {reference.accuracy:.1%} on the release's held-out data"
+                   for name in low]  # fmt: skip
+        segment = segments.get(key) if scope == "group" else None
+        if segment is not None:
+            figures.update(segment.figures)
+            if segment.hit:
+                details.append(f"segment: {segment.detail}")
+        findings.append(Finding(scope, key, "accuracy", bool(details), figures=figures, detail="; ".join(details)))
     return findings
 
 
