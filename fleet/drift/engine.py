@@ -28,7 +28,7 @@ ranked by effect with their direction, and the classes whose predicted share mov
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -219,21 +219,49 @@ def assess_data(batches: Sequence[DeviceBatch], reference: Reference, group_tag:
     return findings
 
 
-def assess_predictions(batches: Sequence[DeviceBatch]) -> list[Finding]:
-    """``prediction`` findings per device: its predicted classes and top-1 confidence against the rest of the fleet
-    (BH across devices and the two histograms)."""
+def _group_key(batch: DeviceBatch, group_tag: str | None) -> str | None:
+    return f"{group_tag}={batch.tags[group_tag]}" if group_tag and group_tag in batch.tags else None
+
+
+def _peers(
+    batches: Sequence[DeviceBatch], group_tag: str | None, explained: Collection[str]
+) -> dict[str, list[DeviceBatch]]:
+    """Whom each device is compared with: the rest of its group when ``explained`` holds the group (it drifted as a
+    whole), else the devices of no such group (at least two of them; else every other device)."""
+    plain = [b for b in batches if _group_key(b, group_tag) not in explained]
+    peers = {}
+    for b in batches:
+        key = _group_key(b, group_tag)
+        if key in explained:
+            pool = [p for p in batches if p is not b and _group_key(p, group_tag) == key]
+        else:
+            pool = [p for p in plain if p is not b]
+        peers[b.device_id] = pool if len(pool) >= 2 else [p for p in batches if p is not b]
+    return peers
+
+
+def assess_predictions(
+    batches: Sequence[DeviceBatch], group_tag: str | None = None, explained: Collection[str] = ()
+) -> list[Finding]:
+    """``prediction`` findings per device: its predicted classes and top-1 confidence against its peers
+    (:func:`_peers`: a device of a site whose data drifted is compared with its site; BH across devices and the two
+    histograms)."""
     if len(batches) < 2:
         return []
     classes = {b.device_id: np.asarray(b.window["classes"], dtype=np.int64) for b in batches}
     confidence = {b.device_id: np.asarray(b.window["confidence"], dtype=np.int64) for b in batches}
-    total_c, total_k = _sum(list(classes.values())), _sum(list(confidence.values()))
-    families = {
-        d: _two_sample([classes[d], confidence[d]], [total_c - classes[d], total_k - confidence[d]]) for d in classes
-    }
+    peers = _peers(batches, group_tag, explained)
+    families = {}
+    rests = {}
+    for d in classes:
+        rest_c = _sum([classes[p.device_id] for p in peers[d]])
+        rest_k = _sum([confidence[p.device_id] for p in peers[d]])
+        rests[d] = rest_c
+        families[d] = _two_sample([classes[d], confidence[d]], [rest_c, rest_k])
     decided = _decide_many(families)
     findings = []
     for d, moved in decided.items():
-        others = total_c - classes[d]
+        others = rests[d]
         share, rest = classes[d] / max(classes[d].sum(), 1), others / max(others.sum(), 1)
         order = np.argsort(-np.abs(share - rest))[:TOP]
         top = tuple((int(c), float(share[c]), float(rest[c])) for c in order) if moved else ()
@@ -295,33 +323,45 @@ def assess_accuracy(batches: Sequence[DeviceBatch], reference: Reference, group_
     the rest of the fleet (:func:`assess_segments`)."""
     if reference.accuracy is None or not batches:
         return []
-    segments = {f.key: f for f in assess_segments(batches, reference, group_tag)}
-    scopes: dict[tuple[str, str], list[DeviceBatch]] = {("fleet", "fleet"): list(batches)}
+    card = reference.accuracy
+
+    def below_card(found: Mapping[str, tuple[float, float]]) -> list[str]:
+        return [f"{name} accuracy {found[name][0]:.1%} vs {card:.1%} on the release's held-out data"
+                for name in found if accuracy_drop(found[name], card)]  # fmt: skip
+
+    # One alarm per scope, as for data: a site far below the rest is the site's (a segment); the fleet below the
+    # card is the fleet's unless a segment explains it; a device below the card is its own only if it is also below
+    # its peers (a fleet-wide or site-wide drop leaves it level with them).
+    segments = assess_segments(batches, reference, group_tag)
+    explained = {f.key for f in segments if f.hit}
+    fleet_found = _accuracies(batches, reference)
+    fleet_low = below_card(fleet_found) if not explained else []
+    findings = [Finding("fleet", "fleet", "accuracy", bool(fleet_low),
+                        figures={"reference": card, **{k: v[0] for k, v in fleet_found.items()}},
+                        detail="; ".join(fleet_low))]  # fmt: skip
+    findings += [replace(f, detail=f"segment: {f.detail}" if f.hit else "") for f in segments]
+    peers = _peers(batches, group_tag, explained)
     for b in batches:
-        scopes[("device", b.device_id)] = [b]
-        if group_tag and group_tag in b.tags:
-            scopes.setdefault(("group", f"{group_tag}={b.tags[group_tag]}"), []).append(b)
-    findings = []
-    for (scope, key), members in scopes.items():
-        found = _accuracies(members, reference)
-        figures: dict[str, Any] = {"reference": reference.accuracy, **{k: v[0] for k, v in found.items()}}
-        low = [name for name, value in found.items() if accuracy_drop(value, reference.accuracy)]
-        details = [f"{name} accuracy {found[name][0]:.1%} vs {reference.accuracy:.1%} on the release's held-out data"
-                   for name in low]  # fmt: skip
-        segment = segments.get(key) if scope == "group" else None
-        if segment is not None:
-            figures.update(segment.figures)
-            if segment.hit:
-                details.append(f"segment: {segment.detail}")
-        findings.append(Finding(scope, key, "accuracy", bool(details), figures=figures, detail="; ".join(details)))
+        found = _accuracies([b], reference)
+        low = below_card(found)
+        if low:
+            theirs = _accuracies(peers[b.device_id], reference)
+            below_peers = [name for name in found if name in theirs and accuracy_drop(
+                (found[name][0], (found[name][1] ** 2 + theirs[name][1] ** 2) ** 0.5), theirs[name][0])]  # fmt: skip
+            low = low if below_peers else []
+        findings.append(Finding("device", b.device_id, "accuracy", bool(low),
+                                figures={"reference": card, **{k: v[0] for k, v in found.items()}},
+                                detail="; ".join(low)))  # fmt: skip
     return findings
 
 
 def assess(batches: Sequence[DeviceBatch], reference: Reference, *, group_tag: str | None = "site") -> list[Finding]:
     """Every stateless finding of one round: data, prediction and accuracy."""
+    data = assess_data(batches, reference, group_tag)
+    explained = {f.key for f in data if f.scope == "group" and f.hit}
     return [
-        *assess_data(batches, reference, group_tag),
-        *assess_predictions(batches),
+        *data,
+        *assess_predictions(batches, group_tag, explained),
         *assess_accuracy(batches, reference, group_tag),
     ]
 
