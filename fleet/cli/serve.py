@@ -10,6 +10,7 @@ import gc
 import signal
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -91,7 +92,12 @@ _USAGE = {
     help="Run CMD with each drift alarm as JSON on its standard input: the "
     "retrain trigger (at most once an hour per device or group, model and kind).",
 )
-@click.option("--on-drift-url", metavar="URL", help="POST each drift alarm as JSON to URL (same back-off).")
+@click.option(
+    "--on-drift-url",
+    metavar="URL",
+    callback=lambda ctx, param, value: _http_url(value),
+    help="POST each drift alarm as JSON to URL (same back-off).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -154,3 +160,14 @@ def serve(
         click.echo(f"broker: {server.broker_url}")  # click.echo flushes: a script can read the line right away
         click.echo(f"repo: {server.repo_url}")
         server.run_until(stop)
+
+
+def _http_url(value: str | None) -> str | None:
+    """An http(s) URL with a host, or a usage error that says what to write."""
+    if value is not None:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise click.BadParameter(
+                f"{value!r} is not an http:// or https:// URL (e.g. https://ci.example/hooks/retrain)"
+            )
+    return value
