@@ -130,3 +130,9 @@ def test_a_restarted_detector_continues_where_the_last_round_ended(home: Path) -
     assert [(r.key, r.state) for r in again.tick()] == [("dd-03", "drift")]
     assert again.tick() == [], "nothing read twice"
     store.close()
+
+
+def test_serve_refuses_a_retrain_url_that_is_not_http_in_one_line(tmp_path: Path) -> None:
+    result = fleet("serve", "--home", tmp_path / "home", "--on-drift-url", "ftp://ci.example/retrain")
+    assert result.exit_code == 2 and "is not an http:// or https:// URL" in result.output
+    assert not (tmp_path / "home").exists(), "nothing started or made"
