@@ -76,7 +76,9 @@ def status(home: Path, campaign: str) -> dict[str, Any]:
 
 
 def ended(home: Path, campaign: str, timeout: float) -> dict[str, Any]:
-    return wait_for(lambda: (s := status(home, campaign))["state"] in ENDS and s, timeout, f"{campaign} to end")
+    done = wait_for(lambda: (s := status(home, campaign))["state"] in ENDS and s, timeout, f"{campaign} to end")
+    print(f"{campaign}: {done['state']}: {done['reason']}")  # what a failed assertion on it should be read with
+    return done
 
 
 def sent(home: Path, release: str) -> list[str]:
@@ -98,7 +100,7 @@ def test_a_good_release_reaches_every_device_wave_by_wave_with_no_rollback(fleet
     campaign = create(home, "--release", "digits:1.1.0", "--waves", "10,50,100", "--soak", "2s", "--seed", "7",
                       "--spread-by", "site")  # fmt: skip
     done = ended(home, campaign, 240)
-    assert done["state"] == "succeeded", json.dumps(done)[:3000]
+    assert done["state"] == "succeeded", (done["reason"], json.dumps(done["decisions"])[-3000:])
     assert [w["devices"] for w in done["waves"]] == [3, 12, 15]
     sites = {d["device_id"]: d["tags"]["site"] for d in ok_json("devices", "list", "--home", home)}
     assert {sites[d] for d in wave(done, 1)} == {"site-0", "site-1", "site-2"}, "wave 1 spread across the sites"
@@ -116,7 +118,7 @@ def test_a_broken_release_trips_the_failed_gate_in_its_first_wave_and_no_other_d
     home, ids = fleet_of_30
     campaign = create(home, "--release", "digits:1.4.0", "--soak", "2s", "--seed", "3")
     done = ended(home, campaign, 240)
-    assert done["state"] == "rolled_back", json.dumps(done)[:3000]
+    assert done["state"] == "rolled_back", (done["reason"], json.dumps(done["decisions"])[-3000:])
     assert done["reason"].startswith("wave 1: failed 3 of 3 devices (100%"), done["reason"]
     assert touched(done) == wave(done, 1) and len(wave(done, 1)) == 3
     assert set(sent(home, "digits:1.4.0")) == wave(done, 1), "no device outside the first wave was sent it"
@@ -133,7 +135,7 @@ def test_a_slow_release_commits_on_the_devices_but_the_latency_gate_rolls_the_ca
     home, ids = fleet_of_30
     campaign = create(home, "--release", "digits:1.3.0", "--soak", "5s", "--seed", "5")
     done = ended(home, campaign, 240)
-    assert done["state"] == "rolled_back", json.dumps(done)[:3000]
+    assert done["state"] == "rolled_back", (done["reason"], json.dumps(done["decisions"])[-3000:])
     assert "p95 latency" in done["reason"] and done["reason"].startswith("wave 1: "), done["reason"]
     tripped = [d for d in done["decisions"] if d["action"] == "rollback"]
     assert [d["gate"] for d in tripped] == ["latency_p95 <= 1.5x"], tripped
@@ -154,7 +156,7 @@ def test_an_inaccurate_release_trips_the_accuracy_gate_from_the_devices_feedback
     campaign = create(home, "--release", "digits:1.2.0", "--soak", "5s", "--seed", "9", "--waves", "20,100",
                       "--kpi", "accuracy >= -0.05", "--kpi-min-count", "50")  # fmt: skip
     done = ended(home, campaign, 240)
-    assert done["state"] == "rolled_back", json.dumps(done)[:3000]
+    assert done["state"] == "rolled_back", (done["reason"], json.dumps(done["decisions"])[-3000:])
     assert done["reason"].startswith("wave 1: accuracy"), done["reason"]
     gate = next(g for g in done["gates"] if g["gate"] == "accuracy >= -0.05")
     assert gate["verdict"] == "fail" and gate["value"] < 0.5 < gate["figures"]["baseline"], gate
@@ -225,7 +227,7 @@ def test_silent_devices_time_out_count_toward_their_gate_and_return_once_they_sp
             campaign = create(home, "--release", "digits:1.1.0", "--soak", "1s", "--seed", "1", "--waves", "50,100",
                               "--device-timeout", "3s", "--retries", "1", "--max-timed-out", "20")  # fmt: skip
             done = ended(home, campaign, 120)
-            assert done["state"] == "rolled_back", json.dumps(done)[:3000]
+            assert done["state"] == "rolled_back", (done["reason"], json.dumps(done["decisions"])[-3000:])
             assert done["reason"] == "wave 1: timed out 3 of 3 devices (100%; limit 20%)", done["reason"]
             first = wave(done, 1)
             assert all(d["state"] == "timed_out" and d["attempts"] == 2 for d in done["devices"]
@@ -270,7 +272,7 @@ def test_a_fleet_service_killed_mid_wave_continues_the_campaign_where_it_was_aft
             assert killed["state"] == "running" and killed["wave"] == 2
             proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
             done = ended(home, campaign, 180)
-            assert done["state"] == "succeeded", json.dumps(done)[:3000]
+            assert done["state"] == "succeeded", (done["reason"], json.dumps(done["decisions"])[-3000:])
             assert all(d["state"] == "succeeded" for d in done["devices"])
             assert done["counts"] == {"succeeded": 12}, "no device counted twice"
             sends = sent(home, "digits:1.1.0")

@@ -321,3 +321,17 @@ def test_the_early_boundary_is_o_brien_fleming_s(fraction: float, expected: floa
     assert early_alpha(0.01, fraction) == pytest.approx(expected, rel=1e-3)
     z = stats.norm.isf(early_alpha(0.01, fraction))
     assert z * math.sqrt(fraction) == pytest.approx(stats.norm.isf(0.01))
+
+
+def test_a_sub_millisecond_latency_rise_passes_however_significant_it_is() -> None:
+    def at(bucket: int, n: int) -> Sample:
+        latency = [0] * (len(LATENCY_EDGES_MS) + 1)
+        latency[bucket] = n
+        return Sample(count=n, latency=tuple(latency), devices=frozenset({"a"}))
+
+    fast = LATENCY_EDGES_MS.index(0.2)  # p95 0.2 ms before, 0.4 ms after: 2x, on 5,000 rows each
+    result = evaluate(LATENCY, at(fast + 2, 5000), at(fast, 5000), NOTHING)
+    assert result.value == pytest.approx(0.4) and result.p_value is not None and result.p_value < 1e-12
+    assert result.verdict == "pass", "0.2 ms more is scheduling noise, not a slower release"
+    slow = evaluate(LATENCY, at(LATENCY_EDGES_MS.index(1.6), 5000), at(fast, 5000), NOTHING)
+    assert slow.verdict == "fail"

@@ -360,6 +360,13 @@ def _show(metric: str, figure: float | None) -> str:
     return f"{figure:.2%}"
 
 
+#: A latency ratio also needs the p95 to rise by this much: below a millisecond a p95 moves by whole buckets with the
+#: machine's scheduling. A good release, measured in the last wave of a CI run (against its own baseline only: no
+#: device was left to compare with), went from 0.1-0.2 ms to 0.3-0.4 ms while other devices ran their smoke tests,
+#: and a 1.5x limit rolled it back. A release that matters is slower by more (the `slow` example: 2.3 vs 0.3 ms).
+LATENCY_FLOOR_MS = 0.5
+
+
 def _beyond(kpi: Kpi, value: float, reference: float | None) -> bool:
     """Whether the point estimates differ by more than the limit, in the direction that is worse.
 
@@ -368,7 +375,7 @@ def _beyond(kpi: Kpi, value: float, reference: float | None) -> bool:
     """
     assert reference is not None  # only usable references are compared
     if kpi.relative:
-        return value > reference * kpi.limit
+        return value > reference * kpi.limit and value - reference >= LATENCY_FLOOR_MS
     if _OPS[kpi.metric] == "<=":
         return value - reference > kpi.limit
     return value - reference < kpi.limit
