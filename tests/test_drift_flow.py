@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fleet_fixtures import wait_for
 from test_release_cli import fleet, ok_json, publish
 from test_sim_fleet import enrolled_sim, listed
@@ -28,6 +29,7 @@ devices = ["drf-0003"]
 """
 
 
+@pytest.mark.slow  # 26 s: the default run is past its 10 minutes; test_drift_detector covers the same on a real store
 def test_one_device_whose_lens_gets_dirty_is_the_one_drift_alarm_of_the_fleet(
     tmp_path: Path, example_model: Callable[[str], Path]
 ) -> None:

@@ -255,7 +255,7 @@ def test_a_fleet_service_killed_mid_wave_continues_the_campaign_where_it_was_aft
         publish_all(home, example_model)
         with enrolled_sim(home, tmp_path, example_model, devices=12, id_prefix="kill") as ids:
             assign_good(home, ids)
-            campaign = create(home, "--release", "digits:1.1.0", "--soak", "2s", "--seed", "4",
+            campaign = create(home, "--release", "digits:1.1.0", "--soak", "1s", "--seed", "4",
                               "--waves", "25,50,100")  # fmt: skip
             def mid_second_wave() -> bool:
                 """Wave 2 under way, its downloads done. A kill mid-download ends the same way, 30 s later: the
