@@ -30,7 +30,8 @@ from agent.logs import event
 from agent.targets import parse_target_path
 from fleet.drift import engine
 from fleet.drift.stats import MIN_SAMPLES, FeatureShift
-from fleet.errors import FleetError, NotFound
+from fleet.errors import NotFound
+from fleet.rounds import Rounds
 from fleet.store.api import Store
 from fleet.store.rows import DriftTrack
 from fleet.trust.repository import Repository
@@ -115,7 +116,7 @@ def alarm_json(row: DriftTrack) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class DriftDetector:
+class DriftDetector(Rounds):
     """Runs :meth:`tick` every ``round_s`` on a thread from :meth:`start` until :meth:`stop`."""
 
     def __init__(
@@ -129,32 +130,12 @@ class DriftDetector:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store, self._repo = store, repo
-        self.round_s, self._group_tag, self._hooks, self._clock = round_s, group_tag, hooks or DriftHooks(), clock
+        super().__init__("drift", round_s)
+        self._group_tag, self._hooks, self._clock = group_tag, hooks or DriftHooks(), clock
         self._piles: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
         self._tracks: dict[str, dict[tuple[str, str, str], engine.Track]] | None = None
         self._state: dict[str, Any] = {}
         self._references: dict[str, engine.Reference | None] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> DriftDetector:
-        self._thread = threading.Thread(target=self._run, name="drift-detector", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.round_s):
-            try:
-                self.tick()
-            except FleetError as exc:
-                event(log, "drift_round_failed", logging.WARNING, reason=exc.reason, detail=exc.detail)
-            except Exception as exc:  # a bug must not stop the detector: logged with its traceback, retried
-                event(log, "drift_round_crashed", logging.ERROR, exc_info=exc)
 
     def _load(self) -> dict[str, dict[tuple[str, str, str], engine.Track]]:
         if self._tracks is None:

@@ -26,7 +26,6 @@ round acts on them.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -55,6 +54,7 @@ from fleet.rollout.states import (
     next_exec,
 )
 from fleet.rollout.window import check_timezone, local_time
+from fleet.rounds import Rounds
 from fleet.store.api import Store
 from fleet.store.rows import Campaign, Decision, Execution, RolloutUpdate
 from fleet.trust.repository import Repository
@@ -89,7 +89,7 @@ class _Round:
     audit: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
 
 
-class CampaignController:
+class CampaignController(Rounds):
     """Drives active campaigns: :meth:`start` runs :meth:`tick` every ``tick_s`` on a thread until :meth:`stop`.
 
     ``connect()`` opens a publisher to the broker (:class:`~fleet.publisher.DesiredPublisher`); ``clock`` is the
@@ -107,40 +107,11 @@ class CampaignController:
         tick_s: float = 1.0,
     ) -> None:
         self._store, self._repo, self._connect = store, repo, connect
-        self._prefix, self._clock, self.tick_s = prefix, clock, tick_s
+        super().__init__("rollout", tick_s)
+        self._prefix, self._clock = prefix, clock
         self._evidence: dict[str, Evidence] = {}
         self._window_cursor: dict[str, int] = {}
         self._verdicts: dict[str, dict[str, str]] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        #: CPU seconds the controller's rounds took on its thread (what a campaign costs the fleet service).
-        self.cpu_s = 0.0
-        self.rounds = 0
-
-    # -- lifecycle ----------------------------------------------------------------------------------------------
-
-    def start(self) -> CampaignController:
-        self._thread = threading.Thread(target=self._run, name="campaign-controller", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started, cpu = time.monotonic(), time.thread_time()
-            try:
-                self.tick()
-            except FleetError as exc:  # the store busy or the broker away: the next round tries again
-                event(log, "rollout_round_failed", logging.WARNING, reason=exc.reason, detail=exc.detail)
-            except Exception as exc:  # a bug must not stop every campaign: logged with its traceback, retried
-                event(log, "rollout_round_crashed", logging.ERROR, exc_info=exc)
-            self.cpu_s += time.thread_time() - cpu
-            self.rounds += 1
-            self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
 
     # -- one round ----------------------------------------------------------------------------------------------
 

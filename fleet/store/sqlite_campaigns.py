@@ -8,17 +8,15 @@ audit entry in one transaction: an operator's pause and the controller's rollbac
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Collection, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import asdict, replace
-from typing import Any, Protocol
+from typing import Any
 
 from agent import protocol
-from fleet.store.rows import AuditEntry, Campaign, Decision, Execution, RolloutUpdate, StoredEvent, StoredWindow
+from fleet.store.rows import Campaign, Decision, Execution, RolloutUpdate, StoredEvent, StoredWindow
 from fleet.store.schema import dumps
-from fleet.store.sqlite_reads import _event, loads
+from fleet.store.sqlite_reads import WriteHost, _event, loads
 
 _EXEC_COLUMNS = tuple(Execution.__dataclass_fields__)
 _UPSERT_EXEC = (
@@ -26,22 +24,11 @@ _UPSERT_EXEC = (
 )
 
 
-class _Host(Protocol):
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
-
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
-
-    @staticmethod
-    def _append_audit(
-        conn: sqlite3.Connection, actor: str, action: str, subject: str, detail: Mapping[str, Any]
-    ) -> AuditEntry: ...
-
-
 class SqliteCampaigns:
     """Campaign methods over the host store's connection, lock and audit chain."""
 
     def create_campaign(
-        self: _Host,
+        self: WriteHost,
         campaign: Campaign,
         executions: Sequence[Execution],
         exclusive_states: Collection[str],
@@ -77,7 +64,7 @@ class SqliteCampaigns:
             self._append_audit(conn, made.actor, "rollout_create", made.id, detail)
         return made, {}
 
-    def campaigns(self: _Host, states: Collection[str] | None = None) -> list[Campaign]:
+    def campaigns(self: WriteHost, states: Collection[str] | None = None) -> list[Campaign]:
         """Campaigns, oldest first; only those in ``states`` when given."""
         if states is None:
             rows = self._rows("SELECT * FROM campaigns ORDER BY created_at, id")
@@ -86,11 +73,11 @@ class SqliteCampaigns:
             rows = self._rows(f"SELECT * FROM campaigns WHERE state IN ({marks}) ORDER BY created_at, id", (*states,))
         return [_campaign(r) for r in rows]
 
-    def campaign(self: _Host, campaign_id: str) -> Campaign | None:
+    def campaign(self: WriteHost, campaign_id: str) -> Campaign | None:
         rows = self._rows("SELECT * FROM campaigns WHERE id = ?", (campaign_id,))
         return _campaign(rows[0]) if rows else None
 
-    def executions(self: _Host, campaign_id: str, states: Collection[str] | None = None) -> list[Execution]:
+    def executions(self: WriteHost, campaign_id: str, states: Collection[str] | None = None) -> list[Execution]:
         """A campaign's executions in wave order (the order devices are sent the release); only those in ``states``
         when given."""
         if states is None:
@@ -103,13 +90,13 @@ class SqliteCampaigns:
             )
         return [Execution(**r) for r in rows]
 
-    def decisions(self: _Host, campaign_id: str) -> list[Decision]:
+    def decisions(self: WriteHost, campaign_id: str) -> list[Decision]:
         """A campaign's recorded gate decisions, oldest first."""
         rows = self._rows("SELECT * FROM rollout_decisions WHERE campaign_id = ? ORDER BY id", (campaign_id,))
         return [Decision(**{**r, "figures": loads(r["figures"])}) for r in rows]
 
     def move_campaign(
-        self: _Host,
+        self: WriteHost,
         campaign_id: str,
         expected: str,
         new: str,
@@ -135,7 +122,7 @@ class SqliteCampaigns:
             names = [d[0] for d in conn.execute("SELECT * FROM campaigns LIMIT 0").description]
         return _campaign(dict(zip(names, row, strict=True)))
 
-    def save_rollout(self: _Host, update: RolloutUpdate) -> None:
+    def save_rollout(self: WriteHost, update: RolloutUpdate) -> None:
         """Write one round of the controller (:class:`RolloutUpdate`) in one transaction."""
         if not update:
             return
@@ -160,11 +147,11 @@ class SqliteCampaigns:
                 "INSERT OR REPLACE INTO rollout_cursor (name, rowid) VALUES (?, ?)", list(update.cursors.items())
             )
 
-    def rollout_cursors(self: _Host) -> dict[str, int]:
+    def rollout_cursors(self: WriteHost) -> dict[str, int]:
         """Where the controller stopped reading (name -> last rowid read)."""
         return {r["name"]: r["rowid"] for r in self._rows("SELECT name, rowid FROM rollout_cursor")}
 
-    def events_after(self: _Host, rowid: int, types: Collection[str], limit: int = 5000) -> list[StoredEvent]:
+    def events_after(self: WriteHost, rowid: int, types: Collection[str], limit: int = 5000) -> list[StoredEvent]:
         """Events of ``types`` stored after ``rowid``, in the order they were stored."""
         marks = ", ".join("?" * len(types))
         rows = self._rows(
@@ -173,11 +160,11 @@ class SqliteCampaigns:
         )
         return [StoredEvent(r.pop("_rowid"), _event(r)) for r in rows]
 
-    def last_event_rowid(self: _Host) -> int:
+    def last_event_rowid(self: WriteHost) -> int:
         return int(self._rows("SELECT coalesce(max(rowid), 0) AS n FROM events")[0]["n"])
 
     def windows_after(
-        self: _Host, rowid: int, model: str, devices: Collection[str], limit: int = 5000
+        self: WriteHost, rowid: int, model: str, devices: Collection[str], limit: int = 5000
     ) -> tuple[list[StoredWindow], int]:
         """Windows of ``model`` from ``devices`` stored after ``rowid`` (decoded), and the last rowid looked at.
         Windows of other devices are skipped before they are decoded."""
@@ -194,10 +181,10 @@ class SqliteCampaigns:
         ]
         return found, last
 
-    def last_window_rowid(self: _Host) -> int:
+    def last_window_rowid(self: WriteHost) -> int:
         return int(self._rows("SELECT coalesce(max(rowid), 0) AS n FROM windows")[0]["n"])
 
-    def first_window_rowid_since(self: _Host, since: float) -> int:
+    def first_window_rowid_since(self: WriteHost, since: float) -> int:
         """The rowid just before the first window received at ``since`` or later (where a baseline starts)."""
         rows = self._rows("SELECT coalesce(min(rowid), 0) AS n FROM windows WHERE received_at >= ?", (since,))
         first = int(rows[0]["n"])

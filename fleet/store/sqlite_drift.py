@@ -4,35 +4,22 @@ live in :mod:`fleet.drift`, the store only keeps their results."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any
 
 from agent import protocol
-from fleet.store.rows import AuditEntry, DriftTrack, StoredWindow
+from fleet.store.rows import DriftTrack, StoredWindow
 from fleet.store.schema import dumps
-from fleet.store.sqlite_reads import loads
+from fleet.store.sqlite_reads import WriteHost, loads
 
 _TRACK_COLUMNS = tuple(DriftTrack.__dataclass_fields__)
 _JSON = ("history", "features", "classes", "figures")
 
 
-class _Host(Protocol):
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
-
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
-
-    @staticmethod
-    def _append_audit(
-        conn: sqlite3.Connection, actor: str, action: str, subject: str, detail: Mapping[str, Any]
-    ) -> AuditEntry: ...
-
-
 class SqliteDrift:
     """Drift methods over the host store's connection, lock and audit chain."""
 
-    def drift_tracks(self: _Host, states: Sequence[str] | None = None) -> list[DriftTrack]:
+    def drift_tracks(self: WriteHost, states: Sequence[str] | None = None) -> list[DriftTrack]:
         """Every track (only those in ``states`` when given), by model, scope, key and kind."""
         where, params = "", ()
         if states is not None:
@@ -40,12 +27,12 @@ class SqliteDrift:
         rows = self._rows(f"SELECT * FROM drift_tracks {where} ORDER BY model, scope, key, kind", params)
         return [DriftTrack(**{**r, **{k: loads(r[k]) for k in _JSON}}) for r in rows]
 
-    def drift_state(self: _Host) -> dict[str, Any]:
+    def drift_state(self: WriteHost) -> dict[str, Any]:
         """The detector's named state (its reading place, each device's DDM)."""
         return {r["name"]: loads(r["value"]) for r in self._rows("SELECT name, value FROM drift_state")}
 
     def save_drift(
-        self: _Host,
+        self: WriteHost,
         tracks: Sequence[DriftTrack],
         state: Mapping[str, Any],
         audit: Sequence[tuple[str, str, str, Mapping[str, Any]]] = (),
@@ -64,7 +51,7 @@ class SqliteDrift:
             for actor, action, subject, detail in audit:
                 self._append_audit(conn, actor, action, subject, detail)
 
-    def windows_since(self: _Host, rowid: int, limit: int = 5000) -> tuple[list[StoredWindow], int]:
+    def windows_since(self: WriteHost, rowid: int, limit: int = 5000) -> tuple[list[StoredWindow], int]:
         """Windows stored after ``rowid`` (decoded), oldest first, and the last rowid read."""
         rows = self._rows(
             "SELECT rowid AS _rowid, received_at, payload FROM windows WHERE rowid > ? ORDER BY rowid LIMIT ?",

@@ -8,16 +8,27 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlite_utils
 
 from agent import protocol
 from agent.histograms import merge_windows
 from fleet.errors import FleetError, StoreUnavailable
-from fleet.store.rows import Device, DeviceDetail, Event, Gap, InstallOutcome, RepoCommit, Summary, Telemetry
+from fleet.store.rows import (
+    AuditEntry,
+    Device,
+    DeviceDetail,
+    Event,
+    Gap,
+    InstallOutcome,
+    RepoCommit,
+    Summary,
+    Telemetry,
+)
 from fleet.store.schema import JSON_WINDOW_FIELDS, repo_commit
 
 #: How many of a device's latest events `device()` returns.
@@ -80,6 +91,20 @@ def store_error(exc: sqlite3.Error, path: Path) -> FleetError:
     if isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError) or type(exc) is sqlite3.DatabaseError:
         return StoreUnavailable("unavailable", f"{path}: {text}", "check the disk and the file's permissions")
     return FleetError("unstorable", text)
+
+
+class WriteHost(Protocol):
+    """What the store's mixins (:mod:`fleet.store.sqlite_campaigns`, :mod:`fleet.store.sqlite_drift`) use of
+    :class:`~fleet.store.sqlite.SqliteStore`: its write transaction, its guarded reads and its audit chain."""
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+
+    @staticmethod
+    def _append_audit(
+        conn: sqlite3.Connection, actor: str, action: str, subject: str, detail: Mapping[str, Any]
+    ) -> AuditEntry: ...
 
 
 def loads(text: str | None) -> Any:
@@ -221,6 +246,7 @@ class SqliteReads:
         return Summary(
             devices["total"], devices["online"], windows, events, self.reject_counts(), self.missing_counts()
         )
+
 
 #: A device's tags, from its latest enrollment (the enrollment's audited detail holds them).
 _TAGS = "(SELECT json_extract(n.detail, '$.tags') FROM enrollments n WHERE n.device_id = d.device_id) AS tags"

@@ -213,7 +213,7 @@ def run_campaign(server: FleetServer, home: Path, db: Path, variant: str, args: 
         if time.monotonic() - said >= 15:
             say(f"  ... campaign {campaign}: {state}")
             said = time.monotonic()
-        time.sleep(controller.tick_s / 10)
+        time.sleep(controller.interval / 10)
     else:
         state = f"not ended after {args.timeout:.0f} s: {state}"
     t1 = time.time()
